@@ -1,0 +1,24 @@
+"""Tensor-native equivariant layers built from escnn field types and steerable bases.
+
+Each layer takes and returns plain ``torch.Tensor`` s (so Opacus, ``torch.func`` and DDP work with it), knows its
+``in_type`` / ``out_type`` (escnn field types, for testing with escnn's group action) and exports to plain torch
+modules with identical outputs.
+"""
+
+from .activation import PointwiseNonlinearity, make_activation
+from .basis import ConvBasis, conv_basis
+from .conv import EquivariantConv2d
+from .export import export
+from .fields import (FieldTypeRecipe, canonical_group, field_type, grid_elements, group_gspace, gspace_name,
+                     image_symmetries,
+                     parse_group, restrict)
+from .module import EquivariantModule
+from .norm import FieldBatchNorm, FieldGroupNorm
+from .pooling import EquivariantPool2d, FieldPool, GroupPooling, Restrict, SymmetricDownsample, symmetric_downsample
+
+__all__ = [
+    "EquivariantModule", "EquivariantConv2d", "FieldGroupNorm", "FieldBatchNorm", "PointwiseNonlinearity",
+    "EquivariantPool2d", "GroupPooling", "Restrict", "SymmetricDownsample", "FieldPool", "symmetric_downsample",
+    "export", "make_activation", "ConvBasis", "conv_basis", "FieldTypeRecipe", "field_type", "group_gspace",
+    "gspace_name", "parse_group", "canonical_group", "restrict", "grid_elements", "image_symmetries",
+]

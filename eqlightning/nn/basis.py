@@ -1,0 +1,273 @@
+"""Steerable convolution bases: built once per process from escnn, shared by every layer that needs them.
+
+An equivariant convolution's filter is a linear function of its coefficients,
+
+    W[a, o, b, i, y, x] = sum_d  w[a, b, d] * B[d, o, i, y, x]
+
+for every output field ``a`` (channels ``o`` within it) and input field ``b`` (channels ``i``), with one basis ``B``
+per pair of representations, shared by all field pairs of that kind. :class:`ConvBasis` holds those bases and
+computes the expansion (coefficients -> filter) and its adjoint (filter gradient -> coefficient gradient) as a
+single matrix product per representation pair. It is not a module and holds no buffers: layers look it up by a
+hashable key, so there is one copy per process and device, nothing to broadcast under DDP, and nothing for Opacus's
+buffer checks or its functorch mode (which moves a copy of the layer to ``meta``) to trip on.
+
+The coefficient layout is escnn's (pairs sorted by representation names; within a pair, output field major), so
+weights can be copied to and from ``escnn.nn.R2Conv``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ._escnn import enn
+from .fields import FieldTypeRecipe, ReprRecipe
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Fields of one representation, as they sit in the grouped channel order."""
+
+    recipe: ReprRecipe
+    count: int
+    start: int  # first channel in grouped order
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count * self.recipe.size
+
+
+@dataclass
+class _Block:
+    """The basis shared by all (input field, output field) pairs of one pair of representations."""
+
+    in_group: _Group
+    out_group: _Group
+    basis: torch.Tensor  # (d, o, i, k, k), float64 master copy
+    he_std: torch.Tensor  # (d,) std of each coefficient under escnn's generalized He init
+    offset: int  # first coefficient of this block in the weight vector
+
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return self.in_group.count * self.out_group.count * self.dim
+
+
+def _grouped(recipe: FieldTypeRecipe):
+    """Group fields by representation; returns the groups and the channel order (None when already grouped)."""
+    fields_of: dict = defaultdict(list)
+    starts, channel = [], 0
+    for index, rep in enumerate(recipe.reprs):
+        fields_of[rep].append(index)
+        starts.append(channel)
+        channel += rep.size
+    groups, order, start = [], [], 0
+    for rep, fields in fields_of.items():
+        groups.append(_Group(rep, len(fields), start))
+        start += len(fields) * rep.size
+        for f in fields:
+            order.extend(range(starts[f], starts[f] + rep.size))
+    identity = order == list(range(channel))
+    return groups, (None if identity else order)
+
+
+_BLOCK_CACHE: dict = {}
+
+
+def _block_basis(in_type: FieldTypeRecipe, rep_in: ReprRecipe, rep_out: ReprRecipe, kernel_size, dilation, kwargs):
+    """Sample escnn's steerable basis for one representation pair; returns (basis, per-element info) or None."""
+    key = (in_type.sg_id, rep_in, rep_out, kernel_size, dilation, kwargs)
+    if key not in _BLOCK_CACHE:
+        single_in = FieldTypeRecipe(in_type.sg_id, in_type.maximum_frequency, (rep_in,)).build()
+        single_out = FieldTypeRecipe(in_type.sg_id, in_type.maximum_frequency, (rep_out,)).build()
+        conv = enn.R2Conv(single_in, single_out, kernel_size, dilation=dilation, bias=False, initialize=False,
+                          **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs})
+        expansion = conv.basisexpansion
+        if expansion.dimension() == 0:
+            _BLOCK_CACHE[key] = None
+        else:
+            (pair,) = expansion._representations_pairs
+            block = getattr(expansion, f"block_expansion_{expansion._escape_pair(pair)}")
+            sampled = block.sampled_basis.detach().to(torch.float64)  # (d, o, i, k*k)
+            info = [(tuple(a["in_irrep"]), a["out_irrep_idx"]) for a in block.get_basis_info()]
+            _BLOCK_CACHE[key] = (sampled.reshape(*sampled.shape[:3], kernel_size, kernel_size), info)
+    return _BLOCK_CACHE[key]
+
+
+class ConvBasis:
+    """Expansion and adjoint for one (input type, output type, kernel) combination. Build via :func:`conv_basis`."""
+
+    def __init__(self, in_type: FieldTypeRecipe, out_type: FieldTypeRecipe, kernel_size: int, dilation: int,
+                 basis_kwargs: tuple):
+        if in_type.sg_id != out_type.sg_id:
+            raise ValueError("input and output field types must belong to the same group (same gspace)")
+        self.in_size, self.out_size, self.kernel_size = in_type.size, out_type.size, kernel_size
+        self.in_groups, in_order = _grouped(in_type)
+        self.out_groups, out_order = _grouped(out_type)
+        self._in_inverse = None if in_order is None else torch.argsort(torch.tensor(in_order))
+        self._out_inverse = None if out_order is None else torch.argsort(torch.tensor(out_order))
+        self._in_order = None if in_order is None else torch.tensor(in_order)
+        self._out_order = None if out_order is None else torch.tensor(out_order)
+
+        found = {}
+        for gi in self.in_groups:
+            for go in self.out_groups:
+                sampled = _block_basis(in_type, gi.recipe, go.recipe, kernel_size, dilation, basis_kwargs)
+                if sampled is not None:
+                    found[(gi, go)] = sampled
+        if not found:
+            raise ValueError(
+                f"no equivariant {kernel_size}x{kernel_size} filter maps these input fields to these output fields "
+                "(empty steerable basis); use a larger kernel or different field types"
+            )
+        stds = _generalized_he_std(found)
+        self.blocks: list[_Block] = []
+        offset = 0
+        for gi, go in sorted(found, key=lambda p: (p[0].recipe.name, p[1].recipe.name)):  # escnn's order
+            block = _Block(gi, go, found[(gi, go)][0], stds[(gi, go)], offset)
+            self.blocks.append(block)
+            offset += block.numel
+        self.dim = offset
+        self._bias_expansion = _bias_expansion(out_type)
+        self.bias_dim = 0 if self._bias_expansion is None else self._bias_expansion.shape[1]
+        self._device_cache: dict = {}
+
+    # one copy of this object per process: modules share it and copies of modules keep sharing it
+    def __deepcopy__(self, memo):
+        return self
+
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> dict:
+        """The bases (as (d, o*i*k*k) matrices), index orders and bias expansion on a device/dtype (memoised)."""
+        key = (torch.device(device), dtype)
+        if key not in self._device_cache:
+            to = dict(device=device, dtype=dtype)
+            self._device_cache[key] = {
+                "bases": [b.basis.reshape(b.dim, -1).to(**to) for b in self.blocks],
+                "in_inverse": None if self._in_inverse is None else self._in_inverse.to(device),
+                "out_inverse": None if self._out_inverse is None else self._out_inverse.to(device),
+                "in_order": None if self._in_order is None else self._in_order.to(device),
+                "out_order": None if self._out_order is None else self._out_order.to(device),
+                "bias": None if self._bias_expansion is None else self._bias_expansion.to(**to),
+            }
+        return self._device_cache[key]
+
+    def expand(self, weight: torch.Tensor) -> torch.Tensor:
+        """Coefficients ``(dim,)`` -> filter ``(out_size, in_size, k, k)``."""
+        t = self.tensors(weight.device, weight.dtype)
+        k = self.kernel_size
+        blocks = {(b.in_group, b.out_group): (b, basis) for b, basis in zip(self.blocks, t["bases"])}
+        rows = []
+        for go in self.out_groups:
+            cols = []
+            for gi in self.in_groups:
+                a, o, b_, i = go.count, go.recipe.size, gi.count, gi.recipe.size
+                entry = blocks.get((gi, go))
+                if entry is None:
+                    cols.append(weight.new_zeros(a * o, b_ * i, k, k))
+                    continue
+                block, basis = entry
+                coeff = weight[block.offset:block.offset + block.numel].view(a * b_, block.dim)
+                filt = (coeff @ basis).view(a, b_, o, i, k, k).transpose(1, 2)
+                cols.append(filt.reshape(a * o, b_ * i, k, k))
+            rows.append(cols[0] if len(cols) == 1 else torch.cat(cols, dim=1))
+        filt = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+        if t["out_inverse"] is not None:
+            filt = filt.index_select(0, t["out_inverse"])
+        if t["in_inverse"] is not None:
+            filt = filt.index_select(1, t["in_inverse"])
+        return filt
+
+    def project(self, filter_grad: torch.Tensor) -> torch.Tensor:
+        """Adjoint of :meth:`expand`: ``(..., out_size, in_size, k, k)`` -> ``(..., dim)``.
+
+        Maps the gradient with respect to the filter (also a batch of per-sample filter gradients) to the gradient
+        with respect to the coefficients.
+        """
+        lead = filter_grad.shape[:-4]
+        g = filter_grad.reshape(-1, self.out_size, self.in_size, self.kernel_size, self.kernel_size)
+        t = self.tensors(g.device, g.dtype)
+        if t["out_order"] is not None:
+            g = g.index_select(1, t["out_order"])
+        if t["in_order"] is not None:
+            g = g.index_select(2, t["in_order"])
+        n, kk = g.shape[0], self.kernel_size ** 2
+        pieces = []
+        for block, basis in zip(self.blocks, t["bases"]):
+            go, gi = block.out_group, block.in_group
+            a, o, b_, i = go.count, go.recipe.size, gi.count, gi.recipe.size
+            part = g[:, go.start:go.stop, gi.start:gi.stop].reshape(n, a, o, b_, i, kk).transpose(2, 3)
+            pieces.append((part.reshape(n * a * b_, o * i * kk) @ basis.T).reshape(n, block.numel))
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return out.reshape(*lead, self.dim)
+
+    def expand_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """Bias coefficients ``(bias_dim,)`` (one per trivial irrep of the output fields) -> ``(out_size,)``."""
+        return self.tensors(bias.device, bias.dtype)["bias"] @ bias
+
+    def project_bias(self, bias_grad: torch.Tensor) -> torch.Tensor:
+        """Adjoint of :meth:`expand_bias`: ``(..., out_size)`` -> ``(..., bias_dim)``."""
+        return bias_grad @ self.tensors(bias_grad.device, bias_grad.dtype)["bias"]
+
+    def init_std(self) -> torch.Tensor:
+        """Per-coefficient std of escnn's generalized He initialisation, ``(dim,)``."""
+        parts = [b.he_std.repeat(b.in_group.count * b.out_group.count) for b in self.blocks]
+        return torch.cat(parts)
+
+
+def _generalized_he_std(found: dict) -> dict:
+    """escnn's ``generalized_he_init`` variances, computed per representation pair instead of per coefficient.
+
+    For an output irrep, escnn counts the distinct input irrep types feeding it and, per type, the basis elements
+    over all input fields; a coefficient's std is ``1 / sqrt(types * elements_of_its_type)``.
+    """
+    per_out: dict = defaultdict(Counter)  # (out group, out irrep idx) -> Counter(in irrep id -> basis elements)
+    for (gi, go), (_, info) in found.items():
+        for in_irrep, out_idx in info:
+            per_out[(go, out_idx)][in_irrep] += gi.count
+    stds = {}
+    for (gi, go), (_, info) in found.items():
+        values = []
+        for in_irrep, out_idx in info:
+            counts = per_out[(go, out_idx)]
+            values.append(1.0 / math.sqrt(len(counts) * counts[in_irrep]))
+        stds[(gi, go)] = torch.tensor(values, dtype=torch.float64)
+    return stds
+
+
+def _bias_expansion(out_type: FieldTypeRecipe):
+    """Columns of each output field's change of basis that belong to its trivial irreps (as escnn's R2Conv)."""
+    field_type = out_type.build()
+    group = field_type.fibergroup
+    columns = []
+    position = 0
+    for rep in field_type.representations:
+        irrep_offset = 0
+        for irr in rep.irreps:
+            irrep = group.irrep(*irr)
+            if irrep.is_trivial():
+                column = torch.zeros(out_type.size, dtype=torch.float64)
+                column[position:position + rep.size] = torch.as_tensor(rep.change_of_basis[:, irrep_offset])
+                columns.append(column)
+            irrep_offset += irrep.size
+        position += rep.size
+    return torch.stack(columns, dim=1) if columns else None
+
+
+_CONV_CACHE: dict = {}
+
+
+def conv_basis(in_type: FieldTypeRecipe, out_type: FieldTypeRecipe, kernel_size: int, dilation: int = 1,
+               **basis_kwargs) -> ConvBasis:
+    """The shared :class:`ConvBasis` for these types and kernel parameters (built on first use)."""
+    kwargs = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in basis_kwargs.items()
+                          if v is not None))
+    key = (in_type, out_type, int(kernel_size), int(dilation), kwargs)
+    if key not in _CONV_CACHE:
+        _CONV_CACHE[key] = ConvBasis(in_type, out_type, int(kernel_size), int(dilation), kwargs)
+    return _CONV_CACHE[key]

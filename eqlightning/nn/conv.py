@@ -1,0 +1,113 @@
+"""Equivariant 2D convolution on plain tensors, parametrised by escnn's steerable basis coefficients."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .basis import ConvBasis, conv_basis
+from .module import EquivariantModule
+
+
+class EquivariantConv2d(EquivariantModule):
+    r"""G-steerable convolution between fields of ``in_type`` and ``out_type`` (C_N or D_N, any N).
+
+    The filter is ``W = B(w)``: a linear expansion of the trainable coefficients ``weight`` in escnn's basis of
+    equivariant kernels, so that ``conv(rho_in(g) x) = rho_out(g) conv(x)`` for all rotations/reflections ``g`` of the
+    group (exactly for those that map the pixel grid onto itself; up to discretisation for e.g. 45 degrees). The bias
+    has one coefficient per trivial irrep of the output fields (one per regular or trivial field).
+
+    Same numbers as ``escnn.nn.R2Conv`` with the same coefficients (same coefficient layout), but it takes and
+    returns ``torch.Tensor`` s, holds no buffers, and works with Opacus, ``torch.func`` and DDP.
+
+    .. warning:: In eval mode under ``torch.no_grad()`` the expanded filter is cached and reused until the
+       coefficients change (tracked through their version counter) or the layer goes back to training mode.
+
+    Args:
+        in_type, out_type: escnn field types of one gspace (regular / trivial fields or their restrictions).
+        kernel_size: odd sizes keep the kernel centred (required for exact rot90/flip equivariance).
+        stride, padding, dilation: as ``torch.nn.Conv2d``; ``padding=None`` keeps the size ("same") at stride 1.
+        bias: learn an equivariant bias.
+        sigma, frequencies_cutoff, rings, maximum_offset: escnn's basis parameters (defaults as ``R2Conv``).
+    """
+
+    def __init__(self, in_type, out_type, kernel_size: int, stride: int = 1, padding: int | None = None,
+                 dilation: int = 1, bias: bool = True, sigma=None, frequencies_cutoff=None, rings=None,
+                 maximum_offset=None):
+        super().__init__(in_type, out_type)
+        self.kernel_size, self.stride, self.dilation = int(kernel_size), int(stride), int(dilation)
+        self.padding = dilation * (self.kernel_size - 1) // 2 if padding is None else int(padding)
+        self._basis_kwargs = dict(sigma=sigma, frequencies_cutoff=frequencies_cutoff, rings=rings,
+                                  maximum_offset=maximum_offset)
+        basis = self.basis
+        self.weight = nn.Parameter(torch.empty(basis.dim))
+        self.bias = nn.Parameter(torch.zeros(basis.bias_dim)) if bias and basis.bias_dim > 0 else None
+        self._eval_cache = None
+        self.reset_parameters()
+
+    @property
+    def basis(self) -> ConvBasis:
+        """The shared basis (looked up in the per-process cache, so pickles and copies stay light)."""
+        return conv_basis(self._in_recipe, self._out_recipe, self.kernel_size, self.dilation, **self._basis_kwargs)
+
+    def reset_parameters(self) -> None:
+        """escnn's generalized He initialisation of the coefficients; zero bias."""
+        with torch.no_grad():
+            std = self.basis.init_std().to(self.weight)
+            self.weight.copy_(std * torch.randn_like(self.weight))
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The expanded ``(out, in, k, k)`` filter and ``(out,)`` bias, computed in the parameters' dtype.
+
+        Autocast is disabled here so that bf16/fp16 mixed precision only affects the convolution itself.
+        """
+        with torch.autocast(self.weight.device.type, enabled=False):
+            basis = self.basis
+            filt = basis.expand(self.weight)
+            bias = None if self.bias is None else basis.expand_bias(self.bias)
+        return filt, bias
+
+    def _cached_expand(self):
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, self.weight.dtype,
+               None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            self._eval_cache = (key, self.expand())
+        return self._eval_cache[1]
+
+    def train(self, mode: bool = True):
+        self._eval_cache = None
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.training and not torch.is_grad_enabled():
+            filt, bias = self._cached_expand()
+        else:
+            filt, bias = self.expand()
+        return F.conv2d(x, filt, bias, self.stride, self.padding, self.dilation)
+
+    def export(self) -> nn.Conv2d:
+        """A ``torch.nn.Conv2d`` with the expanded filter (identical outputs)."""
+        filt, bias = (t.detach() if t is not None else None for t in self.expand())
+        conv = nn.Conv2d(self._in_recipe.size, self._out_recipe.size, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=bias is not None, device=filt.device, dtype=filt.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(filt)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        return conv
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_eval_cache"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        group = self.in_type.gspace.fibergroup.name
+        return (f"{group}: {len(self._in_recipe.reprs)} -> {len(self._out_recipe.reprs)} fields "
+                f"({self._in_recipe.size} -> {self._out_recipe.size} channels), kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, coefficients={self.weight.numel()}")
