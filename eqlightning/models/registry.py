@@ -1,0 +1,74 @@
+"""Backbone registry: ``create_backbone(name, in_channels=..., num_classes=..., **kwargs)`` and ``list_backbones()``.
+
+A backbone maps images ``(N, in_channels, H, W)`` to logits ``(N, num_classes)`` and has an attribute ``group``: the
+name of the group its logits are invariant to (``"C8"``, ``"D4"``, ...; the last stage's group when the backbone
+restricts between stages), or ``None`` for plain backbones. Families register their entry points with
+:func:`register_backbone` at the bottom of their own file; every registered name is covered by the parametrised
+tests in ``tests/models``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    name: str
+    fn: Callable[..., nn.Module]
+    equivariant: bool
+    description: str
+
+
+_REGISTRY: dict[str, BackboneEntry] = {}
+
+
+def register_backbone(name: str | None = None, *, equivariant: bool):
+    """Decorator registering a factory ``fn(*, in_channels, num_classes, **kwargs) -> nn.Module``."""
+
+    def decorator(fn):
+        key = name or fn.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"backbone {key!r} is already registered (by {_REGISTRY[key].fn.__module__})")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _REGISTRY[key] = BackboneEntry(key, fn, equivariant, doc[0] if doc else "")
+        return fn
+
+    return decorator
+
+
+def _ensure_families_loaded() -> None:
+    from . import eq_resnet, plain  # noqa: F401  (importing registers the entry points)
+
+
+def list_backbones(pattern: str = "*", equivariant: bool | None = None) -> list[str]:
+    """Registered backbone names matching a glob ``pattern``, optionally only (non-)equivariant ones."""
+    _ensure_families_loaded()
+    return sorted(n for n, e in _REGISTRY.items()
+                  if fnmatch.fnmatch(n, pattern) and (equivariant is None or e.equivariant == equivariant))
+
+
+def backbone_entry(name: str) -> BackboneEntry:
+    _ensure_families_loaded()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown backbone {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_backbone(name: str, *, in_channels: int = 1, num_classes: int = 2, **kwargs) -> nn.Module:
+    """Build a registered backbone by name; ``kwargs`` go to the family (see each entry point's docstring)."""
+    entry = backbone_entry(name)
+    try:
+        model = entry.fn(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"backbone {name!r}: {err}. Its options: {entry.fn.__doc__}") from err
+    if not hasattr(model, "group"):
+        raise TypeError(f"backbone {name!r} must set the attribute `group` (a group name, or None if plain)")
+    return model
