@@ -9,7 +9,7 @@ TORCH_REQ ?= requirements/torch-cpu.txt
 STAMP := $(VENV)/.eqlightning-installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test clean
+.PHONY: install demo test clean
 
 install: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): setup.cfg pyproject.toml requirements/cpu-lock.txt requirements/dev.tx
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m eqlightning.envcheck
 	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) cli.py fit --config configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,87 @@
+"""LightningCLI: configs parse and instantiate, fit then test on real data, one run directory, console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eqlightning import ImageClassifier
+from eqlightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if "dp" not in p.parts)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_run_id(monkeypatch):
+    monkeypatch.delenv("EQL_RUN_ID", raising=False)  # each CLI call in a test gets its own run directory
+
+
+def test_print_config_shows_the_linked_model_and_data(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "backbone: eq_resnet8" in printed and "flag: breastmnist" in printed and "test_after_fit: true" in printed
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_instantiates(config, tmp_path, medmnist_root):
+    cli = main(["--config", str(REPO / config), "--run_root", str(tmp_path),
+                "--data.root", str(medmnist_root)], run=False)
+    data, model = cli.datamodule, cli.model
+    assert (model.hparams.num_classes, model.hparams.in_channels, model.task) == (data.num_classes,
+                                                                                   data.in_channels, data.task)
+    assert model.hparams.input_size == data.input_size
+    x = torch.zeros(2, data.in_channels, data.input_size, data.input_size)
+    assert model.eval()(x).shape == (2, data.num_classes)
+
+
+@pytest.mark.slow
+def test_fit_then_test_on_pneumoniamnist_beats_the_majority_class(tmp_path, medmnist_root):
+    common = ["--config", str(REPO / "configs/quickstart.yaml"), "--run_root", str(tmp_path),
+              "--run_name", "pneumonia", "--data.flag", "pneumoniamnist", "--data.root", str(medmnist_root),
+              "--data.batch_size", "128", "--trainer.enable_progress_bar", "false"]
+    fit = main(["fit", *common, "--trainer.max_epochs", "2", "--test_after_fit", "false"])
+    run_dir = Path(fit.trainer.log_dir)
+    assert run_dir.parent == tmp_path / "pneumonia"
+    best = run_dir / "checkpoints" / "best.ckpt"
+    for name in ("metrics.csv", "config.yaml", "hparams.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+
+    test = main(["test", *common, "--ckpt_path", str(best)])
+    metrics = test.trainer.callback_metrics
+    majority = test.datamodule.majority_rate("test")
+    assert majority == pytest.approx(390 / 624)
+    assert metrics["test/acc"].item() > majority
+    assert metrics["test/auc"].item() > 0.85
+
+    # the checkpoint alone rebuilds the model
+    restored = ImageClassifier.load_from_checkpoint(best).eval()
+    x = torch.randn(3, 1, 28, 28)
+    state = torch.load(best, weights_only=False)["state_dict"]
+    reference = fit.model.eval()
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), reference(x))
+
+
+def test_console_script_is_the_same_entry_point():
+    script = Path(sys.executable).parent / "eqlightning"
+    assert script.is_file(), "run `make install` (pip install -e .) to create the console script"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "fit" in out.stdout and "test" in out.stdout
+    top = subprocess.run([sys.executable, str(REPO / "cli.py"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert top.returncode == 0
+    assert top.stdout.split("\n", 1)[1] == out.stdout.split("\n", 1)[1]  # identical apart from the program name
+
+
+def test_bad_backbone_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown backbone 'eq_resnet19'.*Did you mean"):
+        main(["--config", str(REPO / "configs/quickstart.yaml"), "--run_root", str(tmp_path),
+              "--model.backbone", "eq_resnet19"], run=False)
