@@ -23,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/cpu-lock.txt requirements/dev.tx
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) cli.py fit --config configs/quickstart.yaml
+	$(PY) cli.py fit --config configs/dp/breastmnist_eps8.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from eqlightning import ImageClassifier
 from eqlightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if "dp" not in p.parts)
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 
 
 @pytest.fixture(autouse=True)
@@ -70,15 +71,33 @@ def test_fit_then_test_on_pneumoniamnist_beats_the_majority_class(tmp_path, medm
         torch.testing.assert_close(restored(x), reference(x))
 
 
-def test_console_script_is_the_same_entry_point():
+@pytest.mark.slow
+def test_private_fit_from_a_dp_config_reports_epsilon(tmp_path, medmnist_root):
+    from eqlightning.privacy import DifferentialPrivacy
+
+    cli = main(["fit", "--config", str(REPO / "configs/dp/breastmnist_eps8.yaml"), "--run_root", str(tmp_path),
+                "--data.root", str(medmnist_root), "--trainer.max_epochs", "2",
+                "--trainer.enable_progress_bar", "false"])
+    dp = next(c for c in cli.trainer.callbacks if isinstance(c, DifferentialPrivacy))
+    metrics = cli.trainer.callback_metrics  # test_after_fit ran the test stage
+    assert 0 < dp.epsilon <= 8.0 and metrics["dp/epsilon"].item() == pytest.approx(dp.epsilon, rel=1e-5)
+    assert metrics["dp/delta"].item() == pytest.approx(0.1 / 546, rel=1e-5)
+    assert "test/acc" in metrics and "test/auc" in metrics
+    best = Path(cli.trainer.log_dir) / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=False)["callbacks"][dp.state_key]["steps"] > 0
+
+
+def test_console_script_is_the_same_entry_point(capsys, monkeypatch):
     script = Path(sys.executable).parent / "eqlightning"
     assert script.is_file(), "run `make install` (pip install -e .) to create the console script"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "fit" in out.stdout and "test" in out.stdout
-    top = subprocess.run([sys.executable, str(REPO / "cli.py"), "--help"], capture_output=True, text=True,
-                         timeout=120)
-    assert top.returncode == 0
-    assert top.stdout.split("\n", 1)[1] == out.stdout.split("\n", 1)[1]  # identical apart from the program name
+    monkeypatch.setattr(sys, "argv", ["cli.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "cli.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    assert top.split("\n", 1)[1] == out.stdout.split("\n", 1)[1]  # identical apart from the program name
 
 
 def test_bad_backbone_name_is_a_clear_error(tmp_path):
