@@ -21,6 +21,7 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._escnn import enn
@@ -49,6 +50,7 @@ class _Block:
     basis: torch.Tensor  # (d, o, i, k, k), float64 master copy
     he_std: torch.Tensor  # (d,) std of each coefficient under escnn's generalized He init
     offset: int  # first coefficient of this block in the weight vector
+    symmetries: list | None = None  # see grid_symmetries()
 
     @property
     def dim(self) -> int:
@@ -96,8 +98,56 @@ def _block_basis(in_type: FieldTypeRecipe, rep_in: ReprRecipe, rep_out: ReprReci
             block = getattr(expansion, f"block_expansion_{expansion._escape_pair(pair)}")
             sampled = block.sampled_basis.detach().to(torch.float64)  # (d, o, i, k*k)
             info = [(tuple(a["in_irrep"]), a["out_irrep_idx"]) for a in block.get_basis_info()]
-            _BLOCK_CACHE[key] = (sampled.reshape(*sampled.shape[:3], kernel_size, kernel_size), info)
+            symmetries = grid_symmetries(sampled, single_in, single_out, kernel_size)
+            if symmetries:  # escnn samples in float32: make the grid symmetries exact (a Reynolds average)
+                sampled = torch.stack([sampled[:, p_o][:, :, p_i][:, :, :, torch.as_tensor(k_map)]
+                                       for p_o, p_i, k_map, _ in symmetries]).mean(0)
+            _BLOCK_CACHE[key] = (sampled.reshape(*sampled.shape[:3], kernel_size, kernel_size), info, symmetries)
     return _BLOCK_CACHE[key]
+
+
+def _permutation(matrix) -> np.ndarray | None:
+    """``P[k] = j`` where ``matrix[:, k] = e_j`` (None if not a permutation matrix)."""
+    m = np.asarray(matrix)
+    if not np.allclose(np.abs(m).sum(0), 1) or not np.all(np.isclose(m, 0) | np.isclose(m, 1)):
+        return None
+    return np.argmax(m, axis=0)
+
+
+def grid_map(size: int, matrix: np.ndarray) -> np.ndarray:
+    """For each cell of a ``size x size`` grid (row-major), the index of the cell at ``matrix @ (centred position)``."""
+    coords = 2 * np.indices((size, size)).reshape(2, -1) - (size - 1)  # doubled centred (row, col): integers
+    moved = np.rint(matrix @ coords).astype(int)
+    return ((moved[0] + size - 1) // 2) * size + (moved[1] + size - 1) // 2
+
+
+def grid_symmetries(basis: torch.Tensor, in_type, out_type, kernel_size: int) -> list | None:
+    """The symmetries of a block basis ``(d, o, i, k*k)`` under the group elements that map the pixel grid onto
+    itself: ``[(P_out, P_in, kernel_map, matrix), ...]`` with ``B[:, P_out][:, :, P_in][..., kernel_map] == B``.
+
+    ``matrix`` acts on centred (row, col) positions. escnn's base-space matrices act on (x, y) with arrays indexed
+    (row, col) = (-y, x); whether ``T_h`` is that matrix or its inverse is settled by the basis itself. Returns None
+    when the fields do not transform by permutations or no consistent convention is found.
+    """
+    from .fields import grid_elements
+
+    gspace = in_type.gspace
+    in_rep, out_rep = in_type.representations[0], out_type.representations[0]
+    to_rc = np.array([[0.0, -1.0], [1.0, 0.0]])
+    elements = grid_elements(gspace)
+    b = basis.numpy()
+    for inverse in (False, True):
+        found = []
+        for h in elements:
+            m = to_rc @ np.asarray(gspace.basespace_action(h)) @ to_rc.T
+            m = np.rint(np.linalg.inv(m) if inverse else m)
+            p_out, p_in = _permutation(out_rep(h)), _permutation(in_rep(h))
+            if p_out is None or p_in is None:
+                return None
+            found.append((p_out, p_in, grid_map(kernel_size, m), m))
+        if all(np.allclose(b[:, p_o][:, :, p_i][:, :, :, k_map], b, atol=1e-5) for p_o, p_i, k_map, _ in found):
+            return found
+    return None
 
 
 class ConvBasis:
@@ -130,7 +180,7 @@ class ConvBasis:
         self.blocks: list[_Block] = []
         offset = 0
         for gi, go in sorted(found, key=lambda p: (p[0].recipe.name, p[1].recipe.name)):  # escnn's order
-            block = _Block(gi, go, found[(gi, go)][0], stds[(gi, go)], offset)
+            block = _Block(gi, go, found[(gi, go)][0], stds[(gi, go)], offset, found[(gi, go)][2])
             self.blocks.append(block)
             offset += block.numel
         self.dim = offset
@@ -227,11 +277,11 @@ def _generalized_he_std(found: dict) -> dict:
     over all input fields; a coefficient's std is ``1 / sqrt(types * elements_of_its_type)``.
     """
     per_out: dict = defaultdict(Counter)  # (out group, out irrep idx) -> Counter(in irrep id -> basis elements)
-    for (gi, go), (_, info) in found.items():
+    for (gi, go), (_, info, _) in found.items():
         for in_irrep, out_idx in info:
             per_out[(go, out_idx)][in_irrep] += gi.count
     stds = {}
-    for (gi, go), (_, info) in found.items():
+    for (gi, go), (_, info, _) in found.items():
         values = []
         for in_irrep, out_idx in info:
             counts = per_out[(go, out_idx)]

@@ -32,6 +32,9 @@ class EquivariantConv2d(EquivariantModule):
         sigma, frequencies_cutoff, rings, maximum_offset: escnn's basis parameters (defaults as ``R2Conv``).
     """
 
+    #: set per layer by ``eqlightning.privacy`` to route training forwards through its fused per-sample path
+    _training_forward = None
+
     def __init__(self, in_type, out_type, kernel_size: int, stride: int = 1, padding: int | None = None,
                  dilation: int = 1, bias: bool = True, sigma=None, frequencies_cutoff=None, rings=None,
                  maximum_offset=None):
@@ -83,6 +86,8 @@ class EquivariantConv2d(EquivariantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self._training_forward is not None and self.training and torch.is_grad_enabled():
+            return self._training_forward(self, x)
         if not self.training and not torch.is_grad_enabled():
             filt, bias = self._cached_expand()
         else:
@@ -104,6 +109,7 @@ class EquivariantConv2d(EquivariantModule):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_eval_cache"] = None
+        state.pop("_fused_grad_sample", None)
         return state
 
     def extra_repr(self) -> str:

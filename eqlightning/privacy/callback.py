@@ -32,16 +32,16 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from opacus import GradSampleModule
 from torch.utils.data import DataLoader
 
 from .accounting import ACCOUNTANTS, PrivacyLedger, calibrate_noise
 from .ema import WeightEMA
+from .fused import PerSampleGradModule, enable_fused
 from .optimizer import make_private_optimizer
 from .sampling import LogicalBatchSampler, poisson_loader, rank_generator
 from .validation import check_dp_compatible
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
+GRAD_SAMPLE_MODES = ("fused", "hooks", "functorch")
 
 
 def _positive(name: str, value, integer: bool = False, allow_none: bool = True) -> None:
@@ -72,7 +72,9 @@ class DifferentialPrivacy(Callback):
             optimizer steps once per logical batch), so memory does not limit the batch size.
         poisson_sampling: keep True. False trains on shuffled batches and warns that the reported epsilon is not
             a formal guarantee.
-        grad_sample_mode: ``"hooks"`` (per-layer rules) or ``"functorch"`` (``torch.func`` for every layer).
+        grad_sample_mode: ``"fused"`` (default: Opacus hooks, with equivariant convolutions computing their
+            per-sample gradients inside their own backward instead of an extra weight-gradient pass), ``"hooks"``
+            (Opacus's hooks with per-layer rules) or ``"functorch"`` (``torch.func`` for every layer).
         seed: seed of the Poisson sampler (default: derived from the global seed; each rank differs).
     """
 
@@ -80,7 +82,7 @@ class DifferentialPrivacy(Callback):
                  delta: float | None = None, max_grad_norm: float = 1.0, accountant: str = "prv",
                  epochs: int | None = None, steps: int | None = None, augmult: int = 1,
                  ema_decay: float | None = None, max_physical_batch_size: int | None = None,
-                 poisson_sampling: bool = True, grad_sample_mode: str = "hooks", seed: int | None = None):
+                 poisson_sampling: bool = True, grad_sample_mode: str = "fused", seed: int | None = None):
         super().__init__()
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ValueError("DifferentialPrivacy: give exactly one of target_epsilon (the noise is calibrated to "
@@ -164,7 +166,9 @@ class DifferentialPrivacy(Callback):
                 cap=max(1, remaining))
 
         model = trainer.strategy.model  # the DDP-wrapped module under DDP: its optimizer must be the distributed one
-        self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True,
+        if self.grad_sample_mode == "fused":
+            enable_fused(pl_module)
+        self._gsm = PerSampleGradModule(model, batch_first=True, loss_reduction="mean", strict=True,
                                      force_functorch=self.grad_sample_mode == "functorch")
         if self.max_physical_batch_size is None:
             self._gsm.forbid_grad_accumulation()
@@ -338,6 +342,7 @@ class DifferentialPrivacy(Callback):
         if self._gsm is not None:
             self._gsm.cleanup()  # remove the hooks and Opacus's attributes from the user's model
             self._gsm = None
+            enable_fused(pl_module, False)
         if self._patched is not None:
             owner, name, original = self._patched
             if original is None:

@@ -15,6 +15,7 @@ from opacus.grad_sample import register_grad_sampler
 
 from ..models.plain.vit import TokenEmbedding
 from ..nn import EquivariantConv2d, FieldGroupNorm
+from .fused import take_fused_grad_sample
 
 
 @contextmanager
@@ -36,7 +37,11 @@ def conv_filter_grad_sample(layer: EquivariantConv2d, x: torch.Tensor, g: torch.
 @register_grad_sampler(EquivariantConv2d)
 def equivariant_conv_grad_sample(layer: EquivariantConv2d, activations, backprops) -> dict:
     """The filter is linear in the coefficients (``W = B w``), so ``dL/dw_n = B^T dL/dW_n``: per-sample filter
-    gradients mapped back onto the basis coefficients with :meth:`ConvBasis.project`."""
+    gradients mapped back onto the basis coefficients with :meth:`ConvBasis.project`. In the fused mode the
+    layer's backward has already computed them (see :mod:`eqlightning.privacy.fused`)."""
+    fused = take_fused_grad_sample(layer, activations[0], backprops.shape[0])  # Opacus scaled backprops by N
+    if fused is not None:
+        return fused
     result = {}
     with _fp32(activations[0], backprops) as (x, g):
         if layer.weight.requires_grad:
@@ -49,18 +54,26 @@ def equivariant_conv_grad_sample(layer: EquivariantConv2d, activations, backprop
 
 @register_grad_sampler(FieldGroupNorm)
 def field_group_norm_grad_sample(layer: FieldGroupNorm, activations, backprops) -> dict:
-    """Closed form: per-channel sums of ``g * x_hat`` (weight) and ``g`` (bias), summed within each field."""
+    """Closed form: per-channel sums of ``g * x_hat`` (weight) and ``g`` (bias), summed within each field.
+
+    ``sum g * x_hat = rstd * (sum g * x - mean * sum g)`` per channel, with the group's mean and ``rstd`` of the
+    sample: two reductions over the activations and no normalised copy of them.
+    """
     result = {}
     if not layer.affine:
         return result
     with _fp32(activations[0], backprops) as (x, g):
-        n = x.shape[0]
+        n, c = x.shape[:2]
         shape = (n, layer.num_fields, layer.field_size)
+        sum_g = g.sum(dim=(2, 3))  # (N, C)
         if layer.weight.requires_grad:
-            x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps)
-            result[layer.weight] = (x_hat * g).sum(dim=(2, 3)).view(shape).sum(2).to(layer.weight.dtype)
+            var, mean = torch.var_mean(x.reshape(n, layer.num_groups, -1), dim=2, correction=0)
+            rstd = torch.rsqrt(var + layer.eps).repeat_interleave(c // layer.num_groups, dim=1)
+            mean = mean.repeat_interleave(c // layer.num_groups, dim=1)
+            sum_gx = torch.einsum("ncl,ncl->nc", g.reshape(n, c, -1), x.reshape(n, c, -1))
+            result[layer.weight] = (rstd * (sum_gx - mean * sum_g)).view(shape).sum(2).to(layer.weight.dtype)
         if layer.bias.requires_grad:
-            result[layer.bias] = g.sum(dim=(2, 3)).view(shape).sum(2).to(layer.bias.dtype)
+            result[layer.bias] = sum_g.view(shape).sum(2).to(layer.bias.dtype)
     return result
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from opacus import GradSampleModule
 
 import eqlightning.privacy  # noqa: F401  (registers the rules)
 from eqlightning.models import create_backbone, list_backbones
-from eqlightning.nn import EquivariantConv2d, FieldGroupNorm, field_type, group_gspace
+from eqlightning.nn import EquivariantConv2d, FieldGroupNorm, field_type, group_gspace, restrict
 from eqlightning.nn._escnn import enn
+from eqlightning.privacy.fused import PerSampleGradModule, enable_fused, per_sample_filter_grads
+from eqlightning.privacy.orbit import orbit_plan
 
 TOL = 1e-5
 
@@ -30,11 +34,20 @@ def loss_one(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out * target).sum() / len(out)  # a generic linear loss (mean over the batch)
 
 
-def opacus_grads(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, functorch: bool = False) -> dict:
-    gsm = GradSampleModule(model, loss_reduction="mean", force_functorch=functorch)
+#: how per-sample gradients can be computed: the callback's three modes (PerSampleGradModule), and our rules in
+#: stock Opacus (``opacus-hooks``; ``opacus-fused``: the fused backward handing over through the registered rule)
+MODES = ("hooks", "functorch", "fused", "opacus-hooks", "opacus-fused")
+
+
+def opacus_grads(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str = "opacus-hooks") -> dict:
+    if mode.endswith("fused"):
+        enable_fused(model)
+    cls = GradSampleModule if mode.startswith("opacus") else PerSampleGradModule
+    gsm = cls(model, loss_reduction="mean", force_functorch=mode == "functorch")
     loss_one(gsm(x), target).backward()
     grads = {name: p.grad_sample.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     gsm.cleanup()
+    enable_fused(model, False)
     return grads
 
 
@@ -55,14 +68,17 @@ def assert_close_relative(ours: dict, ref: dict, tol: float = TOL) -> None:
 @pytest.mark.parametrize("kernel_size", [3, 5, 7])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
-def test_equivariant_conv_per_sample_gradients(group, kernel_size, stride, bias):
+@pytest.mark.parametrize("spatial", [9, 13], ids=["unfold", "grouped"])  # the fused path's two kernels
+def test_equivariant_conv_per_sample_gradients(group, kernel_size, stride, bias, spatial):
     gs = group_gspace(group)
     t_in = enn.FieldType(gs, [gs.trivial_repr, gs.regular_repr])
     t_out = field_type(group, "regular", 2)
     conv = EquivariantConv2d(t_in, t_out, kernel_size, stride=stride, bias=bias)
-    x = torch.randn(5, t_in.size, 9, 9)
+    x = torch.randn(5, t_in.size, spatial, spatial)
     target = torch.randn(5, t_out.size, *conv(x[:1]).shape[2:])
-    assert_close_relative(opacus_grads(conv, x, target), reference_grads(conv, x, target))
+    reference = reference_grads(conv, x, target)
+    for mode in MODES:
+        assert_close_relative(opacus_grads(conv, x, target, mode), reference)
 
 
 @pytest.mark.parametrize("group", ["C8", "D4"])
@@ -73,10 +89,12 @@ def test_field_group_norm_per_sample_gradients(group):
         norm.bias.normal_()
     x = torch.randn(6, norm.in_type.size, 5, 5)
     target = torch.randn(6, norm.in_type.size, 5, 5)
-    assert_close_relative(opacus_grads(norm, x, target), reference_grads(norm, x, target))
+    reference = reference_grads(norm, x, target)
+    for mode in ("opacus-hooks", "hooks"):
+        assert_close_relative(opacus_grads(norm, x, target, mode), reference)
 
 
-@pytest.mark.parametrize("functorch", [False, True], ids=["hooks", "functorch"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name,options", [
     ("eq_resnet8", {"group": "C4"}),
     ("eq_resnet8", {"group": "C8"}),
@@ -85,22 +103,22 @@ def test_field_group_norm_per_sample_gradients(group):
     ("eq_resnet8", {"group": ["D8", "D4", "D1"]}),
     ("eq_resnet18", {"group": "C4", "width_multiplier": 0.25}),
 ])
-def test_complete_backbone_per_sample_gradients_float32(name, options, functorch):
+def test_complete_backbone_per_sample_gradients_float32(name, options, mode):
     model = create_backbone(name, in_channels=1, num_classes=3, **options)
     x = torch.randn(4, 1, 16, 16)
     target = torch.randn(4, 3)
-    assert_close_relative(opacus_grads(model, x, target, functorch), reference_grads(model, x, target))
+    assert_close_relative(opacus_grads(model, x, target, mode), reference_grads(model, x, target))
 
 
-@pytest.mark.parametrize("functorch", [False, True], ids=["hooks", "functorch"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list_backbones(equivariant=True))
-def test_every_equivariant_backbone_per_sample_gradients_are_exact_in_float64(name, functorch):
+def test_every_equivariant_backbone_per_sample_gradients_are_exact_in_float64(name, mode):
     """In float32, a 50-layer GroupNorm net amplifies rounding: there the per-example float32 loop is itself
     ~8e-2 off the float64 truth (our float32 rule: ~8e-5). float64 shows the rules are exact for every backbone."""
     options = {"width_multiplier": 0.25} if name != "eq_resnet8" else {}
     model = create_backbone(name, in_channels=1, num_classes=3, group="D4", **options).double()
     x, target = torch.randn(3, 1, 28, 28, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
-    assert_close_relative(opacus_grads(model, x, target, functorch), reference_grads(model, x, target), tol=1e-9)
+    assert_close_relative(opacus_grads(model, x, target, mode), reference_grads(model, x, target), tol=1e-9)
 
 
 def test_vit_token_embedding_per_sample_gradients():
@@ -127,3 +145,49 @@ def test_rules_compute_in_fp32_under_bf16_autocast():
     ref = reference_grads(conv, x, target)["weight"]
     rel = ((per_sample - ref).abs().max() / ref.abs().max()).item()
     assert rel < 0.05  # bf16 activations and backprops, fp32 rule
+
+
+@pytest.mark.parametrize("group,restrict_to", [("C1", None), ("C2", None), ("D1", None), ("C4", None), ("D4", None),
+                                               ("C8", None), ("D8", None), ("C8", "C4"), ("D8", "D4")])
+@pytest.mark.parametrize("kernel_size,size", [(3, 7), (5, 6)])
+def test_orbit_coefficient_gradients_equal_the_projected_filter_gradients(group, restrict_to, kernel_size, size):
+    """The orbit path (small maps) against the definition: project each sample's filter gradient on the basis."""
+    t_in, t_out = field_type(group, "regular", 3), field_type(group, "regular", 2)
+    if restrict_to is not None:  # fields of a larger group restricted: H permutes each field in several orbits
+        t_in, t_out = restrict(t_in, restrict_to), restrict(t_out, restrict_to)
+    conv = EquivariantConv2d(t_in, t_out, kernel_size).double()
+    x = torch.randn(4, t_in.size, size, size, dtype=torch.float64)
+    gy = torch.randn(4, t_out.size, size, size, dtype=torch.float64)
+    plan = orbit_plan(conv, x)
+    assert plan is not None
+    expected = conv.basis.project(per_sample_filter_grads(conv, x, gy))
+    got = plan.coefficient_grads(conv, x, gy)
+    assert (got - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
+
+
+def test_orbit_path_declines_what_it_cannot_do():
+    reg = field_type("D4", "regular", 2)
+    x = torch.randn(2, reg.size, 7, 7)
+    assert orbit_plan(EquivariantConv2d(reg, reg, 3, stride=2), x) is None
+    assert orbit_plan(EquivariantConv2d(reg, reg, 3, padding=0), x) is None
+    mixed = enn.FieldType(reg.gspace, [reg.gspace.trivial_repr, reg.gspace.regular_repr])
+    assert orbit_plan(EquivariantConv2d(mixed, reg, 3), torch.randn(2, mixed.size, 7, 7)) is None
+    assert orbit_plan(EquivariantConv2d(field_type("D4", "trivial", 2), reg, 3), torch.randn(2, 2, 7, 7)) is None
+
+
+@pytest.mark.parametrize("cls", [PerSampleGradModule, GradSampleModule])
+def test_fused_gradients_belong_to_their_own_step(cls):
+    """Poisson batches change size every step: each step's per-sample gradients must come from that step (the
+    stem's input needs no grad, so Opacus's hook fires before its backward; it must not see a stale result)."""
+    model = create_backbone("eq_resnet8", in_channels=1, num_classes=3, group="C4", width_multiplier=0.5)
+    reference_model = copy.deepcopy(model)
+    enable_fused(model)
+    gsm = cls(model, loss_reduction="mean")
+    for batch in (5, 3, 4):
+        x, target = torch.randn(batch, 1, 16, 16), torch.randn(batch, 3)
+        loss_one(gsm(x), target).backward()
+        ours = {name: p.grad_sample.detach().clone() for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.grad, p.grad_sample = None, None
+        assert_close_relative(ours, reference_grads(reference_model, x, target))
+    gsm.cleanup()
