@@ -105,6 +105,10 @@ class _FusedConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _fp32(t):
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _identity(x: torch.Tensor) -> tuple:
     return x.data_ptr(), x.shape, x.stride(), x._version
 
@@ -157,6 +161,8 @@ class PerSampleGradModule(GradSampleModule):
       runs (a full pass over the largest activations of the backward); every rule is linear in that gradient, so
       this multiplies the much smaller per-sample gradients instead.
     * The first per-sample gradient of a parameter is kept as is instead of copied into a fresh zero tensor.
+    * Under mixed precision every rule computes in fp32: Opacus's own rules would return fp16 per-sample gradients
+      of the *scaled* loss, which overflow long before the summed gradient does.
 
     The per-sample gradients are the same as ``GradSampleModule``'s (tested against a per-example loop).
     """
@@ -182,7 +188,8 @@ class PerSampleGradModule(GradSampleModule):
                 rule = self.GRAD_SAMPLERS[self._get_module_type(module)]
             else:
                 rule = ft_compute_per_sample_gradient
-            grad_samples = rule(module, activations, backprops)
+            with torch.autocast(backprops.device.type, enabled=False):  # every rule in fp32 (fp16 overflows)
+                grad_samples = rule(module, [_fp32(a) for a in activations], _fp32(backprops))
         for param, sample in grad_samples.items():
             if loss_reduction == "mean":
                 sample = sample * batch  # a new tensor: safe to keep

@@ -1,0 +1,43 @@
+"""Small, DP-compatible versions of every registered backbone, shared by the precision and strategy tests.
+
+Width/depth shrink the networks so a whole-zoo test stays fast; GroupNorm replaces batch norm where a factory offers
+the choice (DP-SGD needs per-sample independence); dropout is off so runs are comparable.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from eqlightning.models import backbone_entry, create_backbone, list_backbones
+
+SMALL = {
+    "eq_resnet8": {"group": "D4", "width_multiplier": 0.5},
+    "eq_resnet18": {"group": "C4", "width_multiplier": 0.25},
+    "eq_resnet50": {"group": ["D4", "D4", "D1", "D1"], "width_multiplier": 0.125},
+    "resnet18": {"width_multiplier": 0.125},
+    "resnet50": {"width_multiplier": 0.125},
+    "efficientnet_b0": {"width_multiplier": 0.25},
+    "vit_tiny": {"dim": 32, "depth": 1, "heads": 2},
+    "vit_small": {"dim": 32, "depth": 1, "heads": 2},
+}
+
+
+def small_options(name: str) -> dict:
+    """Options for a small, DP-compatible ``name``; fails for a backbone registered without an entry here."""
+    if name not in SMALL:
+        raise KeyError(f"backbone {name!r} has no small test configuration: add one to tests/small_backbones.py")
+    options = dict(SMALL[name])
+    accepted = inspect.signature(backbone_entry(name).fn).parameters
+    if "norm" in accepted or backbone_entry(name).equivariant:
+        options["norm"] = "group"
+    if "dropout" in accepted:
+        options["dropout"] = 0.0
+    return options
+
+
+def small_backbone(name: str, in_channels: int = 1, num_classes: int = 2, input_size: int = 28):
+    return create_backbone(name, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                           **small_options(name))
+
+
+ALL = list_backbones()
