@@ -51,7 +51,7 @@ class EqLightningCLI(LightningCLI):
         configs = config.get("config") or []
         name = config.get("run_name") or (Path(str(configs[0])).stem if configs else "run")
         root = Path(config.get("run_root") or "runs")
-        version = os.environ.get(_RUN_ID_ENV)
+        version = os.environ.get(_RUN_ID_ENV) or _launcher_run_id()
         if version is None:
             version = datetime.now().strftime("%Y%m%d-%H%M%S")
             suffix = 1
@@ -70,6 +70,17 @@ class EqLightningCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+
+
+def _launcher_run_id() -> str | None:
+    """A run id every process of a multi-node launch shares (torchrun's rendezvous id, the SLURM job), if any:
+    the processes start independently there, so a timestamp could differ between them."""
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID")
+    if rdzv and rdzv != "none":
+        return f"torchrun-{rdzv}"
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    return None
 
 
 def main(args: list[str] | None = None, run: bool = True) -> EqLightningCLI:

@@ -104,3 +104,18 @@ def test_bad_backbone_name_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown backbone 'eq_resnet19'.*Did you mean"):
         main(["--config", str(REPO / "configs/quickstart.yaml"), "--run_root", str(tmp_path),
               "--model.backbone", "eq_resnet19"], run=False)
+
+
+def test_multi_node_launchers_share_one_run_directory(monkeypatch):
+    from eqlightning.cli import _launcher_run_id
+
+    for name in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert _launcher_run_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert _launcher_run_id() is None  # a single-task job: a timestamp, as on a workstation
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert _launcher_run_id() == "slurm-4242"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "exp7")
+    assert _launcher_run_id() == "torchrun-exp7"
