@@ -9,7 +9,7 @@ TORCH_REQ ?= requirements/torch-cpu.txt
 STAMP := $(VENV)/.eqlightning-installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Speed of equivariant and private training, side by side (see benchmarks/run.py); results name the machine.
+MACHINE ?= cpu-$(shell nproc)core
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --machine "$(MACHINE)" --out benchmarks/results/$(MACHINE).json
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache *.egg-info
