@@ -56,15 +56,17 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def param_matched_plain(name: str, target: int, **kwargs) -> tuple[torch.nn.Module, float]:
-    """The backbone with the trivial group C1 (a plain CNN), width chosen so its parameters match ``target``."""
+    """The backbone with the trivial group C1, exported (a plain CNN with free k x k filters), width chosen so its
+    parameters match ``target``. (Counted after export: escnn's C1 basis of a small kernel has fewer than k*k
+    elements, the exported convolution has all of them.)"""
     def build(width):
-        return create_backbone(name, group="C1", width_multiplier=width, **kwargs)
+        return export(create_backbone(name, group="C1", width_multiplier=width, **kwargs))
     low, high = 0.05, 8.0
     for _ in range(30):
         mid = (low * high) ** 0.5
         low, high = (mid, high) if count_parameters(build(mid)) < target else (low, mid)
     width = min((low, high), key=lambda w: abs(count_parameters(build(w)) - target))
-    return export(build(width)), width
+    return build(width), width
 
 
 def build_models(args) -> dict:
@@ -323,7 +325,8 @@ def print_table(device: str, batch: int, r: dict) -> None:
         print(f"{'data pipeline (images/s)':42s} {r['images_per_s']['data_pipeline']:9.0f}")
     for key, target in r["targets"].items():
         status = "met" if r["met"][key] else f"MISSED by {r[key] / target - 1:+.0%}"
-        print(f"{key:42s} {r[key]:9.3f}   target <= {target}  {status}")
+        bound = "= 1.0 (within 2%)" if key == "exported_over_plain" else f"<= {target}"
+        print(f"{key:42s} {r[key]:9.3f}   target {bound}  {status}")
     for key, value in r["more_ratios"].items():
         print(f"{key:42s} {value if isinstance(value, str) else f'{value:9.3f}'}")
 

@@ -165,6 +165,9 @@ class DifferentialPrivacy(Callback):
                 self.target_epsilon, self.noise_multiplier, self.sample_rate, hint=max(1, planned - self.ledger.steps),
                 cap=max(1, remaining))
 
+        # Opacus's hook on the first layer fires before its backward (its input needs no grad): expected, not news
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                "respect to module outputs since no inputs require gradients")
         model = trainer.strategy.model  # the DDP-wrapped module under DDP: its optimizer must be the distributed one
         if self.grad_sample_mode == "fused":
             enable_fused(pl_module)

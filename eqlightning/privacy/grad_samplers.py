@@ -56,24 +56,20 @@ def equivariant_conv_grad_sample(layer: EquivariantConv2d, activations, backprop
 def field_group_norm_grad_sample(layer: FieldGroupNorm, activations, backprops) -> dict:
     """Closed form: per-channel sums of ``g * x_hat`` (weight) and ``g`` (bias), summed within each field.
 
-    ``sum g * x_hat = rstd * (sum g * x - mean * sum g)`` per channel, with the group's mean and ``rstd`` of the
-    sample: two reductions over the activations and no normalised copy of them.
+    (Recomputing ``x_hat`` with ``group_norm`` is faster on CPU than ``rstd * (sum g x - mean * sum g)`` from
+    ``var_mean``, measured at batch 64-256 on 7-28 px maps.)
     """
     result = {}
     if not layer.affine:
         return result
     with _fp32(activations[0], backprops) as (x, g):
-        n, c = x.shape[:2]
+        n = x.shape[0]
         shape = (n, layer.num_fields, layer.field_size)
-        sum_g = g.sum(dim=(2, 3))  # (N, C)
         if layer.weight.requires_grad:
-            var, mean = torch.var_mean(x.reshape(n, layer.num_groups, -1), dim=2, correction=0)
-            rstd = torch.rsqrt(var + layer.eps).repeat_interleave(c // layer.num_groups, dim=1)
-            mean = mean.repeat_interleave(c // layer.num_groups, dim=1)
-            sum_gx = torch.einsum("ncl,ncl->nc", g.reshape(n, c, -1), x.reshape(n, c, -1))
-            result[layer.weight] = (rstd * (sum_gx - mean * sum_g)).view(shape).sum(2).to(layer.weight.dtype)
+            x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps)
+            result[layer.weight] = (x_hat * g).sum(dim=(2, 3)).view(shape).sum(2).to(layer.weight.dtype)
         if layer.bias.requires_grad:
-            result[layer.bias] = sum_g.view(shape).sum(2).to(layer.bias.dtype)
+            result[layer.bias] = g.sum(dim=(2, 3)).view(shape).sum(2).to(layer.bias.dtype)
     return result
 
 
