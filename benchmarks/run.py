@@ -69,7 +69,8 @@ def param_matched_plain(name: str, target: int, **kwargs) -> tuple[torch.nn.Modu
     return build(width), width
 
 
-def build_models(args) -> dict:
+def build_models(args) -> tuple[dict, float]:
+    """The compared models, and the width multiplier of the parameter-matched plain CNN."""
     kwargs = dict(in_channels=args.in_channels, num_classes=args.num_classes, input_size=args.size)
     eq = create_backbone(args.backbone, group=args.group, **kwargs)
     plain, width = param_matched_plain(args.backbone, count_parameters(eq), **kwargs)
@@ -79,8 +80,7 @@ def build_models(args) -> dict:
         "param_matched_plain": plain,
         # for inference: a plain CNN with the same channels that never was equivariant (C1, width 1)
         "plain_reference": export(create_backbone(args.backbone, group="C1", **kwargs)),
-        "_param_matched_width": width,
-    }
+    }, width
 
 
 # ---------------------------------------------------------------------------------------------------- steps
@@ -353,13 +353,13 @@ def main() -> None:
     args = parser.parse_args()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     torch.manual_seed(0)
-    models = build_models(args)
+    models, width = build_models(args)
     report = {"machine": {"name": args.machine, **machine_description(torch.device(devices[-1]))},
               "config": {"backbone": args.backbone, "group": args.group, "input_size": args.size,
                          "in_channels": args.in_channels, "num_classes": args.num_classes,
                          "warmup": args.warmup, "repeats": args.repeats,
-                         "parameters": {k: count_parameters(m) for k, m in models.items() if not k.startswith("_")},
-                         "param_matched_width_multiplier": round(models["_param_matched_width"], 4)},
+                         "parameters": {k: count_parameters(m) for k, m in models.items()},
+                         "param_matched_width_multiplier": round(width, 4)},
               "results": {}}
     profiles = []
     precision_arg = args.precision

@@ -93,8 +93,7 @@ class _FusedConv(torch.autograd.Function):
             grad_x = torch.nn.grad.conv2d_input(x.shape, filt.to(gy.dtype), gy, layer.stride, layer.padding,
                                                 layer.dilation)
         with torch.autocast(gy.device.type, enabled=False):
-            xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-            gs = gy.float() if gy.dtype in (torch.float16, torch.bfloat16) else gy
+            xs, gs = promote_fp32(x), promote_fp32(gy)
             weight_samples = per_sample_coefficient_grads(layer, xs, gs.to(xs.dtype))  # (N, dim)
             bias_samples = None if layer.bias is None else layer.basis.project_bias(gs.sum(dim=(2, 3)))
         # Opacus's rule for this layer hands these over (per-sample gradients of a mean loss are N times these);
@@ -105,7 +104,8 @@ class _FusedConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _fp32(t):
+def promote_fp32(t):
+    """bf16/fp16 tensors as fp32; anything else (fp32, fp64, integer tensors, non-tensors) unchanged."""
     return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
 
 
@@ -189,7 +189,7 @@ class PerSampleGradModule(GradSampleModule):
             else:
                 rule = ft_compute_per_sample_gradient
             with torch.autocast(backprops.device.type, enabled=False):  # every rule in fp32 (fp16 overflows)
-                grad_samples = rule(module, [_fp32(a) for a in activations], _fp32(backprops))
+                grad_samples = rule(module, [promote_fp32(a) for a in activations], promote_fp32(backprops))
         for param, sample in grad_samples.items():
             if loss_reduction == "mean":
                 sample = sample * batch  # a new tensor: safe to keep

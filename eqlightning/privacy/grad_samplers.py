@@ -15,7 +15,7 @@ from opacus.grad_sample import register_grad_sampler
 
 from ..models.plain.vit import TokenEmbedding
 from ..nn import EquivariantConv2d, FieldGroupNorm
-from .fused import take_fused_grad_sample
+from .fused import promote_fp32, take_fused_grad_sample
 
 
 @contextmanager
@@ -23,7 +23,7 @@ def _fp32(*tensors: torch.Tensor):
     """Autocast off; bf16/fp16 inputs promoted to fp32 (fp32 and fp64 stay as they are)."""
     device = tensors[0].device.type
     with torch.autocast(device, enabled=False):
-        yield [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+        yield [promote_fp32(t) for t in tensors]
 
 
 def conv_filter_grad_sample(layer: EquivariantConv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
