@@ -10,8 +10,9 @@ What is compared (default: the default equivariant backbone of configs/, eq_resn
 * ``param_matched_plain``: a plain CNN with the same parameter count (the same ResNet with the trivial group C1,
   width searched to match, exported);
 * each non-private and private (DP-SGD: per-sample gradients, clipping to 1.0, noise 1.0, Opacus's DPOptimizer as
-  the ``DifferentialPrivacy`` callback builds it); for the equivariant backbone every per-sample path: Opacus hooks,
-  Opacus functorch and eqlightning's ``fused`` path (the callback's default);
+  the ``DifferentialPrivacy`` callback builds it with ``eqlightning.privacy.engine.make_private``); for the
+  equivariant backbone every per-sample mechanism: ``hooks`` (layer rules), ``functorch`` and ``fused`` (the
+  callback's default);
 * eval forward (no grad) of the equivariant model in training mode (expanding filters), in eval mode (cached
   filters) and exported, against a plain CNN with the same channels built without equivariance (C1, exported);
 * data pipeline throughput (the training DataLoader of the embedded BreastMNIST sample with D4 augmentation) against
@@ -24,6 +25,15 @@ resident set over two steps (CPU, after returning freed memory to the OS) or ``t
 The JSON holds, per device and batch size, the target ratios under ``dp_over_nonprivate``,
 ``equivariant_over_same_channel_plain`` and ``exported_over_plain``; ``--profile`` (default on) adds a
 ``torch.profiler`` table of the slowest operators of the non-private and the private equivariant step.
+
+Quietness: a busy machine distorts the ratios, not only the times (the per-sample work of a private step does not
+slow down like the rest), so every run records, per device and batch size, the spread of each configuration's
+per-round times (``train_step_spread``, ``eval_forward_spread``: interquartile range over the median, min, max) and of
+the per-round target ratios (``ratio_spread``), and under ``quiet`` the load average before and after each block,
+the CPUs, the torch threads and the process's CPU time over the wall time of the measured rounds. The run is
+*noisy* when any threshold of ``NOISE_THRESHOLDS`` is crossed (see ``noise_reasons``); then a warning names what was
+noisy, and the results file is not written (exit status 1) unless ``--allow-noisy`` is given, in which case the JSON
+says ``"noisy": true`` with the reasons. The results table is printed either way.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import copy
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -47,7 +58,20 @@ from eqlightning.models import create_backbone
 from eqlightning.nn import export
 
 TARGETS = {"dp_over_nonprivate": 1.3, "equivariant_over_same_channel_plain": 1.05, "exported_over_plain": 1.0}
-DP_PATHS = ("fused", "hooks", "functorch")
+DP_PATHS = ("fused", "hooks", "functorch", "opacus")  # the engine's mechanisms, and stock Opacus as the baseline
+
+# A (device, batch size) block is noisy when any of these is crossed (checked by ``noise_reasons``):
+#   max_relative_iqr: the interquartile range of any timed configuration's per-round times (train steps and eval
+#       forwards) above this fraction of its median;
+#   max_external_load: at the start of the block, the 1-minute load average minus this benchmark's own part of it
+#       (its CPU use, averaged as the kernel averages the load) above the CPUs the benchmark leaves free
+#       (nproc - the threads it runs: torch's intra-op threads on CPU, 1 on CUDA) plus this many CPUs: other
+#       processes wanted the CPUs the benchmark uses;
+#   min_cpu_share (CPU devices only): the process's CPU time over the wall time of the measured rounds below this
+#       fraction of its torch threads: it got much less CPU than its threads could use, so it was competing.
+# The load average is the whole (virtual) machine's; in a container sharing a larger host it may overstate the load.
+NOISE_THRESHOLDS = {"max_relative_iqr": 0.10, "max_external_load": 0.5, "min_cpu_share": 0.5}
+LOADAVG_TAU_S = 60.0  # the kernel's 1-minute load average is an exponential average with a 60 s time constant
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -97,15 +121,17 @@ class TrainStep:
         self.model = copy.deepcopy(model).to(device).train()
         optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.forward = self.model
-        if private is not None:
-            from eqlightning.privacy.fused import PerSampleGradModule, enable_fused
-            from eqlightning.privacy.optimizer import make_private_optimizer
-            if private == "fused":
-                enable_fused(self.model)
-            self.forward = PerSampleGradModule(self.model, batch_first=True, loss_reduction="mean", strict=True,
-                                            force_functorch=private == "functorch")
-            optimizer = make_private_optimizer(optimizer, distributed=False, noise_multiplier=1.0,
-                                               max_grad_norm=1.0, expected_batch_size=batch)
+        if private == "opacus":  # the baseline: Opacus's own GradSampleModule (hooks) with our layer rules
+            from opacus import GradSampleModule
+
+            from eqlightning.privacy import make_private_optimizer
+            self.forward = GradSampleModule(self.model, loss_reduction="mean")
+            optimizer = make_private_optimizer(optimizer, distributed=False, noise_multiplier=1.0, max_grad_norm=1.0,
+                                               expected_batch_size=batch)
+        elif private is not None:  # the same engine as the DifferentialPrivacy callback, outside Lightning
+            from eqlightning.privacy.engine import make_private
+            optimizer = make_private(self.model, optimizer, mechanism=private, noise_multiplier=1.0,
+                                     max_grad_norm=1.0, expected_batch_size=batch).optimizer
         self.optimizer = optimizer
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch, args.in_channels, args.size, args.size, generator=generator).to(device)
@@ -149,26 +175,42 @@ class EvalForward:
         return (time.perf_counter() - t0,)
 
 
-def measure(configs: dict, warmup: int, repeats: int) -> dict:
-    """Round-robin timing; per configuration the median of each phase and of the total, in milliseconds."""
+def measure(configs: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Round-robin timing; per configuration the median of each phase and of the total, in milliseconds, and the
+    spread of the totals; and the process's CPU and wall seconds over the measured rounds (warm-up excluded)."""
     for run in configs.values():
         for _ in range(warmup):
             run()
     samples = {name: [] for name in configs}
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         for name, run in configs.items():
             samples[name].append(run())
+    usage = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
     result = {}
     for name, rows in samples.items():
         totals = [sum(r) for r in rows]
         result[name] = {"ms": 1e3 * statistics.median(totals), "min_ms": 1e3 * min(totals),
-                        "phases_ms": [1e3 * statistics.median(p) for p in zip(*rows)], "rounds": totals}
-    return result
+                        "phases_ms": [1e3 * statistics.median(p) for p in zip(*rows)], "rounds": totals,
+                        "spread": spread([1e3 * t for t in totals])}
+    return result, usage
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min, max and the interquartile range over the median (0 for a single value) of ``values``."""
+    median = statistics.median(values)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": median, "min": min(values), "max": max(values), "relative_iqr": (q3 - q1) / median}
+
+
+def round_ratios(a: dict, b: dict) -> list[float]:
+    """``a / b`` of each round (both measured in the same round)."""
+    return [x / y for x, y in zip(a["rounds"], b["rounds"])]
 
 
 def paired_ratio(a: dict, b: dict) -> float:
     """Median over rounds of ``a / b`` measured in the same round: slow drift of the machine cancels."""
-    return statistics.median(x / y for x, y in zip(a["rounds"], b["rounds"]))
+    return statistics.median(round_ratios(a, b))
 
 
 # --------------------------------------------------------------------------------------------------- memory
@@ -216,8 +258,97 @@ def data_throughput(batch: int, seconds: float) -> float:
     return images / (time.perf_counter() - start)
 
 
+# ------------------------------------------------------------------------------------------------ quietness
+def own_load(samples: list[tuple[float, float]], tau: float = LOADAVG_TAU_S) -> float:
+    """This process's part of a 1-minute load average read at the last sample: the CPUs it kept busy between
+    consecutive ``(wall s, CPU s)`` samples, weighted as the kernel's exponential average weights them."""
+    now, load = samples[-1][0], 0.0
+    for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+        if t1 > t0:
+            load += (c1 - c0) / (t1 - t0) * (math.exp((t1 - now) / tau) - math.exp((t0 - now) / tau))
+    return load
+
+
+class CpuHistory:
+    """The process's CPU time at moments of the run, for ``own_load``. The CPU time spent before it was made
+    (interpreter start, imports) is counted as one CPU kept busy just before."""
+
+    def __init__(self):
+        wall, cpu = time.monotonic(), time.process_time()
+        self.samples = [(wall - cpu, 0.0), (wall, cpu)]
+
+    def snapshot(self) -> dict:
+        """The load averages (1, 5, 15 minutes) now and this process's estimated part of the first."""
+        self.samples.append((time.monotonic(), time.process_time()))
+        return {"load": [round(x, 2) for x in os.getloadavg()], "own_load": round(own_load(self.samples), 2)}
+
+
+def cpus_available() -> int:
+    """The CPUs this process may run on (what ``nproc`` says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def block_quietness(result: dict, usage: dict, before: dict, after: dict, device: torch.device) -> dict:
+    """The quietness facts of one device and batch size: load before and after, the CPU over wall time of the
+    measured rounds and each timed configuration's relative IQR."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    cpu_per_wall = usage["cpu_s"] / usage["wall_s"] if usage["wall_s"] > 0 else 0.0
+    relative_iqr = {**{k: v["relative_iqr"] for k, v in result["train_step_spread"].items()},
+                    **{f"eval {k}": v["relative_iqr"] for k, v in result["eval_forward_spread"].items()}}
+    return {
+        "load_before": before["load"], "load_after": after["load"],
+        "own_load_before": before["own_load"], "own_load_after": after["own_load"],
+        "threads": threads, "free_cpus": cpus_available() - threads,
+        "measured_cpu_s": round(usage["cpu_s"], 3), "measured_wall_s": round(usage["wall_s"], 3),
+        "cpu_per_wall": round(cpu_per_wall, 3),
+        "cpu_share": round(cpu_per_wall / threads, 3) if device.type == "cpu" else None,
+        "relative_iqr": relative_iqr,
+    }
+
+
+def spread_reason(relative_iqr: dict, limit: float) -> str | None:
+    """Why per-round times are too spread (any configuration's IQR above ``limit`` x its median), or None."""
+    over = {k: v for k, v in relative_iqr.items() if v > limit}
+    if not over:
+        return None
+    worst = sorted(over.items(), key=lambda kv: -kv[1])
+    listed = ", ".join(f"{k} {v:.1%}" for k, v in worst[:3]) + (f" and {len(worst) - 3} more" if len(worst) > 3 else "")
+    return f"per-round times spread: relative IQR above {limit:.0%} for {listed}"
+
+
+def load_reason(load: float, own: float, free_cpus: int, limit: float) -> str | None:
+    """Why the load at the start was too high (other processes' load above the free CPUs + ``limit``), or None."""
+    external = load - own
+    if external <= free_cpus + limit:
+        return None
+    return (f"load average {load:.2f} at the start, {external:.2f} of it not this benchmark's (own ~{own:.2f}), "
+            f"above the {free_cpus} CPU(s) it leaves free + {limit}")
+
+
+def cpu_share_reason(cpu_share: float | None, threads: int, limit: float) -> str | None:
+    """Why the process got too little CPU (CPU/wall below ``limit`` x its threads), or None (also on CUDA)."""
+    if cpu_share is None or cpu_share >= limit:
+        return None
+    return (f"the process got {cpu_share * threads:.2f} CPU s per wall s over the measured rounds, below "
+            f"{limit} x its {threads} torch thread(s)")
+
+
+def noise_reasons(blocks: dict, thresholds: dict = NOISE_THRESHOLDS) -> list[str]:
+    """Why the measurement is noisy, one line per crossed threshold and block; empty when quiet. ``blocks`` maps a
+    label (device/batch) to ``block_quietness`` facts."""
+    reasons = []
+    for label, b in blocks.items():
+        found = (spread_reason(b["relative_iqr"], thresholds["max_relative_iqr"]),
+                 load_reason(b["load_before"][0], b["own_load_before"], b["free_cpus"],
+                             thresholds["max_external_load"]),
+                 cpu_share_reason(b["cpu_share"], b["threads"], thresholds["min_cpu_share"]))
+        reasons += [f"{label}: {r}" for r in found if r is not None]
+    return reasons
+
+
 # ---------------------------------------------------------------------------------------------------- bench
-def bench_device(models: dict, args, device: torch.device, batch: int) -> dict:
+def bench_device(models: dict, args, device: torch.device, batch: int) -> tuple[dict, dict]:
+    """The results of one device and batch size, and the CPU and wall seconds of its measured rounds."""
     eq = models["equivariant"]
     train = {"equivariant/nonprivate": TrainStep(eq, None, batch, args, device)}
     for path in DP_PATHS:
@@ -226,7 +357,7 @@ def bench_device(models: dict, args, device: torch.device, batch: int) -> dict:
     for name in ("same_channel_plain", "param_matched_plain"):
         train[f"{name}/nonprivate"] = TrainStep(models[name], None, batch, args, device)
         train[f"{name}/dp-hooks"] = TrainStep(models[name], "hooks", batch, args, device)
-    steps = measure(train, args.warmup, args.repeats)
+    steps, train_usage = measure(train, args.warmup, args.repeats)
     memory = {name: peak_memory_mb(run, device) for name, run in train.items()}
 
     evals = {"equivariant/train_mode": EvalForward(eq, "train", batch, args, device),
@@ -234,16 +365,18 @@ def bench_device(models: dict, args, device: torch.device, batch: int) -> dict:
              "exported": EvalForward(export(eq.eval()), "eval", batch, args, device),
              "plain_reference": EvalForward(models["plain_reference"], "eval", batch, args, device)}
     eq.train()
-    forward = measure(evals, args.warmup, args.repeats * 2)
+    forward, eval_usage = measure(evals, args.warmup, args.repeats * 2)
+    usage = {k: train_usage[k] + eval_usage[k] for k in train_usage}
 
     ms = {name: row["ms"] for name, row in steps.items()}
     fastest = min(DP_PATHS, key=lambda p: ms.get(f"equivariant/dp-{p}", float("inf")))
-    ratios = {
-        "dp_over_nonprivate": paired_ratio(steps["equivariant/dp-fused"], steps["equivariant/nonprivate"]),
-        "equivariant_over_same_channel_plain": paired_ratio(steps["equivariant/nonprivate"],
-                                                            steps["same_channel_plain/nonprivate"]),
-        "exported_over_plain": paired_ratio(forward["exported"], forward["plain_reference"]),
+    pairs = {
+        "dp_over_nonprivate": (steps["equivariant/dp-fused"], steps["equivariant/nonprivate"]),
+        "equivariant_over_same_channel_plain": (steps["equivariant/nonprivate"],
+                                                steps["same_channel_plain/nonprivate"]),
+        "exported_over_plain": (forward["exported"], forward["plain_reference"]),
     }
+    ratios = {k: paired_ratio(a, b) for k, (a, b) in pairs.items()}
     result = {
         **{k: round(v, 3) for k, v in ratios.items()},
         "targets": TARGETS,
@@ -253,6 +386,8 @@ def bench_device(models: dict, args, device: torch.device, batch: int) -> dict:
             **({"dp_functorch_over_nonprivate": round(ms["equivariant/dp-functorch"]
                                                       / ms["equivariant/nonprivate"], 3)}
                if "equivariant/dp-functorch" in ms else {}),
+            "dp_opacus_over_nonprivate": round(ms["equivariant/dp-opacus"] / ms["equivariant/nonprivate"], 3),
+            "dp_fused_over_opacus": round(ms["equivariant/dp-fused"] / ms["equivariant/dp-opacus"], 3),
             "fastest_dp_path": fastest,
             "same_channel_plain_dp_over_nonprivate": round(ms["same_channel_plain/dp-hooks"]
                                                            / ms["same_channel_plain/nonprivate"], 3),
@@ -265,11 +400,14 @@ def bench_device(models: dict, args, device: torch.device, batch: int) -> dict:
             "eval_cached_over_exported": round(forward["equivariant/eval_cached"]["ms"]
                                                / forward["exported"]["ms"], 3),
         },
+        "ratio_spread": {k: rounded_spread(spread(round_ratios(a, b)), "") for k, (a, b) in pairs.items()},
         "train_step_ms": {k: round(v, 2) for k, v in ms.items()},
+        "train_step_spread": {k: rounded_spread(r["spread"], "_ms") for k, r in steps.items()},
         "train_step_phases_ms": {k: {"forward": round(r["phases_ms"][0], 2), "backward": round(r["phases_ms"][1], 2),
                                      "optimizer": round(r["phases_ms"][2], 2)} for k, r in steps.items()},
         "peak_memory_mb": {k: None if v is None else round(v, 1) for k, v in memory.items()},
         "eval_forward_ms": {k: round(r["ms"], 2) for k, r in forward.items()},
+        "eval_forward_spread": {k: rounded_spread(r["spread"], "_ms") for k, r in forward.items()},
         "images_per_s": {k: round(batch / v * 1e3, 1) for k, v in ms.items()},
     }
     if device.type == "cpu" and not args.skip_data:
@@ -277,7 +415,13 @@ def bench_device(models: dict, args, device: torch.device, batch: int) -> dict:
         result["images_per_s"]["data_pipeline"] = round(data, 1)
         result["more_ratios"]["data_over_private_step_throughput"] = round(
             data / result["images_per_s"]["equivariant/dp-fused"], 2)
-    return result
+    return result, usage
+
+
+def rounded_spread(s: dict, unit: str) -> dict:
+    """The relative IQR, min and max of a ``spread`` for the JSON (``unit`` suffixes the keys of min and max)."""
+    return {"relative_iqr": round(s["relative_iqr"], 4), f"min{unit}": round(s["min"], 3),
+            f"max{unit}": round(s["max"], 3)}
 
 
 def profile_steps(models: dict, args, device: torch.device, batch: int) -> str:
@@ -313,22 +457,69 @@ def machine_description(device: torch.device) -> dict:
 
 def print_table(device: str, batch: int, r: dict) -> None:
     print(f"\n=== {device}, batch {batch} ===")
-    print(f"{'train step':42s} {'ms':>9s} {'fwd':>8s} {'bwd':>8s} {'opt':>8s} {'img/s':>8s} {'peak MB':>8s}")
+    print(f"{'train step':42s} {'ms':>9s} {'iqr':>6s} {'fwd':>8s} {'bwd':>8s} {'opt':>8s} {'img/s':>8s} "
+          f"{'peak MB':>8s}")
     for name, ms in r["train_step_ms"].items():
         p = r["train_step_phases_ms"][name]
         mem = r["peak_memory_mb"][name]
-        print(f"{name:42s} {ms:9.1f} {p['forward']:8.1f} {p['backward']:8.1f} {p['optimizer']:8.1f} "
+        iqr = r["train_step_spread"][name]["relative_iqr"]
+        print(f"{name:42s} {ms:9.1f} {iqr:6.1%} {p['forward']:8.1f} {p['backward']:8.1f} {p['optimizer']:8.1f} "
               f"{r['images_per_s'][name]:8.0f} {'-' if mem is None else f'{mem:8.0f}':>8s}")
     for name, ms in r["eval_forward_ms"].items():
-        print(f"{'eval forward ' + name:42s} {ms:9.1f}")
+        print(f"{'eval forward ' + name:42s} {ms:9.1f} {r['eval_forward_spread'][name]['relative_iqr']:6.1%}")
     if "data_pipeline" in r["images_per_s"]:
         print(f"{'data pipeline (images/s)':42s} {r['images_per_s']['data_pipeline']:9.0f}")
     for key, target in r["targets"].items():
         status = "met" if r["met"][key] else f"MISSED by {r[key] / target - 1:+.0%}"
         bound = "= 1.0 (within 2%)" if key == "exported_over_plain" else f"<= {target}"
-        print(f"{key:42s} {r[key]:9.3f}   target {bound}  {status}")
+        s = r["ratio_spread"][key]
+        print(f"{key:42s} {r[key]:9.3f}   target {bound}  {status}   "
+              f"(rounds {s['min']:.3f}..{s['max']:.3f}, iqr {s['relative_iqr']:.1%})")
     for key, value in r["more_ratios"].items():
         print(f"{key:42s} {value if isinstance(value, str) else f'{value:9.3f}'}")
+
+
+def print_quietness(quiet: dict, reasons: list[str]) -> None:
+    """The quietness facts of each block, then either a one-line all-clear or a loud warning with the reasons."""
+    t = quiet["thresholds"]
+    print(f"\n=== quietness: {quiet['nproc']} CPUs, {quiet['torch_threads']} torch threads; noisy when a relative IQR "
+          f"> {t['max_relative_iqr']:.0%}, other load > free CPUs + {t['max_external_load']}, or CPU share "
+          f"< {t['min_cpu_share']} ===")
+    for label, b in quiet["blocks"].items():
+        worst = max(b["relative_iqr"], key=b["relative_iqr"].get)
+        share = "" if b["cpu_share"] is None else f" = {b['cpu_share']:.2f} of {b['threads']} thread(s)"
+        print(f"{label}: load {b['load_before'][0]:.2f} -> {b['load_after'][0]:.2f} (own ~{b['own_load_before']:.2f} "
+              f"at start, {b['free_cpus']} CPU(s) free); measured rounds {b['cpu_per_wall']:.2f} CPU s per wall s"
+              f"{share}; largest relative IQR {b['relative_iqr'][worst]:.1%} ({worst})")
+    if not reasons:
+        print("quiet: no threshold crossed")
+        return
+    bar = "!" * 100
+    print(f"\n{bar}\n!!! NOISY: the machine was busy; the times and ratios above are not trustworthy")
+    for reason in reasons:
+        print(f"!!!  - {reason}")
+    print(bar)
+
+
+def write_report(report: dict, profiles: list[str], out: Path | None, allow_noisy: bool) -> bool:
+    """Write the JSON (and the profiles beside it) to ``out``, or print the profiles when there is no ``out``.
+    Returns False, writing nothing, when the report is noisy and ``allow_noisy`` is not set."""
+    if out is None:
+        if profiles:
+            print("\n" + "\n\n".join(profiles))
+        return True
+    if report["noisy"] and not allow_noisy:
+        print(f"\nNOT writing {out}: the measurement was noisy (rerun on a quiet machine, or pass --allow-noisy to "
+              "write it with \"noisy\": true)")
+        return False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}" + (" (marked noisy)" if report["noisy"] else ""))
+    if profiles:
+        profile_path = out.with_name(out.stem + "-profile.txt")
+        profile_path.write_text("\n\n".join(profiles) + "\n")
+        print(f"wrote {profile_path}")
+    return True
 
 
 def main() -> None:
@@ -345,12 +536,15 @@ def main() -> None:
                         help="default: 32 on CPU, bf16-mixed on CUDA")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--skip-functorch", action="store_true", help="skip Opacus's functorch path (slow)")
+    parser.add_argument("--skip-functorch", action="store_true", help="skip the functorch mechanism (slow)")
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--data-seconds", type=float, default=3.0)
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--machine", default=None, help="a name for the machine, stored with the results")
+    parser.add_argument("--allow-noisy", action="store_true",
+                        help="write the results even when the machine was busy (the JSON then says \"noisy\": true)")
     args = parser.parse_args()
+    history = CpuHistory()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     torch.manual_seed(0)
     models, width = build_models(args)
@@ -360,6 +554,9 @@ def main() -> None:
                          "warmup": args.warmup, "repeats": args.repeats,
                          "parameters": {k: count_parameters(m) for k, m in models.items()},
                          "param_matched_width_multiplier": round(width, 4)},
+              "noisy": None, "noisy_reasons": None,  # decided after the runs
+              "quiet": {"nproc": cpus_available(), "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads(), "thresholds": NOISE_THRESHOLDS, "blocks": {}},
               "results": {}}
     profiles = []
     precision_arg = args.precision
@@ -368,21 +565,19 @@ def main() -> None:
         args.precision = precision_arg or ("bf16-mixed" if device.type == "cuda" else "32")
         report["results"][name] = {"precision": args.precision}
         for batch in args.batch_sizes:
-            result = bench_device(models, args, device, batch)
+            before = history.snapshot()
+            result, usage = bench_device(models, args, device, batch)
+            after = history.snapshot()
             report["results"][name][str(batch)] = result
+            report["quiet"]["blocks"][f"{name}/{batch}"] = block_quietness(result, usage, before, after, device)
             print_table(f"{name} ({args.precision})", batch, result)
         if args.profile:
             profiles.append(profile_steps(models, args, device, args.batch_sizes[0]))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
-        if profiles:
-            profile_path = args.out.with_name(args.out.stem + "-profile.txt")
-            profile_path.write_text("\n\n".join(profiles) + "\n")
-            print(f"wrote {profile_path}")
-    elif profiles:
-        print("\n" + "\n\n".join(profiles))
+    reasons = noise_reasons(report["quiet"]["blocks"])
+    report["noisy"], report["noisy_reasons"] = bool(reasons), reasons
+    print_quietness(report["quiet"], reasons)
+    if not write_report(report, profiles, args.out, args.allow_noisy):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from .fields import (FieldTypeRecipe, canonical_group, field_type, grid_elements
                      parse_group, restrict)
 from .module import EquivariantModule
 from .norm import FieldBatchNorm, FieldGroupNorm
+from .persample import fp32_compute, has_per_sample_rule, promote_fp32
 from .pooling import EquivariantPool2d, FieldPool, GroupPooling, Restrict, SymmetricDownsample, symmetric_downsample
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "EquivariantPool2d", "GroupPooling", "Restrict", "SymmetricDownsample", "FieldPool", "symmetric_downsample",
     "export", "make_activation", "ConvBasis", "conv_basis", "FieldTypeRecipe", "field_type", "group_gspace",
     "gspace_name", "parse_group", "canonical_group", "restrict", "grid_elements", "image_symmetries",
+    "has_per_sample_rule", "fp32_compute", "promote_fp32",
 ]

@@ -29,7 +29,7 @@ from .fields import FieldTypeRecipe, ReprRecipe
 
 
 @dataclass(frozen=True)
-class _Group:
+class FieldGroup:
     """Fields of one representation, as they sit in the grouped channel order."""
 
     recipe: ReprRecipe
@@ -42,11 +42,11 @@ class _Group:
 
 
 @dataclass
-class _Block:
+class BasisBlock:
     """The basis shared by all (input field, output field) pairs of one pair of representations."""
 
-    in_group: _Group
-    out_group: _Group
+    in_group: FieldGroup
+    out_group: FieldGroup
     basis: torch.Tensor  # (d, o, i, k, k), float64 master copy
     he_std: torch.Tensor  # (d,) std of each coefficient under escnn's generalized He init
     offset: int  # first coefficient of this block in the weight vector
@@ -71,7 +71,7 @@ def _grouped(recipe: FieldTypeRecipe):
         channel += rep.size
     groups, order, start = [], [], 0
     for rep, fields in fields_of.items():
-        groups.append(_Group(rep, len(fields), start))
+        groups.append(FieldGroup(rep, len(fields), start))
         start += len(fields) * rep.size
         for f in fields:
             order.extend(range(starts[f], starts[f] + rep.size))
@@ -177,16 +177,22 @@ class ConvBasis:
                 "(empty steerable basis); use a larger kernel or different field types"
             )
         stds = _generalized_he_std(found)
-        self.blocks: list[_Block] = []
+        self.blocks: list[BasisBlock] = []
         offset = 0
         for gi, go in sorted(found, key=lambda p: (p[0].recipe.name, p[1].recipe.name)):  # escnn's order
-            block = _Block(gi, go, found[(gi, go)][0], stds[(gi, go)], offset, found[(gi, go)][2])
+            block = BasisBlock(gi, go, found[(gi, go)][0], stds[(gi, go)], offset, found[(gi, go)][2])
             self.blocks.append(block)
             offset += block.numel
         self.dim = offset
         self._bias_expansion = _bias_expansion(out_type)
         self.bias_dim = 0 if self._bias_expansion is None else self._bias_expansion.shape[1]
         self._device_cache: dict = {}
+
+    @property
+    def channels_grouped(self) -> bool:
+        """Whether the fields of each representation already sit together in the channel order (no permutation
+        between the layer's channels and the blocks' grouped order): the case per-sample fast paths handle."""
+        return self._in_order is None and self._out_order is None
 
     # one copy of this object per process: modules share it and copies of modules keep sharing it
     def __deepcopy__(self, memo):

@@ -8,6 +8,7 @@ from torch import nn
 
 from .basis import ConvBasis, conv_basis
 from .module import EquivariantModule
+from .persample import fp32_compute
 
 
 class EquivariantConv2d(EquivariantModule):
@@ -32,9 +33,6 @@ class EquivariantConv2d(EquivariantModule):
         sigma, frequencies_cutoff, rings, maximum_offset: escnn's basis parameters (defaults as ``R2Conv``).
     """
 
-    #: set per layer by ``eqlightning.privacy`` to route training forwards through its fused per-sample path
-    _training_forward = None
-
     def __init__(self, in_type, out_type, kernel_size: int, stride: int = 1, padding: int | None = None,
                  dilation: int = 1, bias: bool = True, sigma=None, frequencies_cutoff=None, rings=None,
                  maximum_offset=None):
@@ -47,6 +45,7 @@ class EquivariantConv2d(EquivariantModule):
         self.weight = nn.Parameter(torch.empty(basis.dim))
         self.bias = nn.Parameter(torch.zeros(basis.bias_dim)) if bias and basis.bias_dim > 0 else None
         self._eval_cache = None
+        self._routed_forward = None
         self.reset_parameters()
 
     @property
@@ -84,10 +83,21 @@ class EquivariantConv2d(EquivariantModule):
         self._eval_cache = None
         return super().train(mode)
 
+    def route_training_forward(self, forward=None):
+        """Run training forwards (training mode, grad enabled) through ``forward(layer, x)`` instead of the
+        default; ``None`` restores the default. Returns the previous routing.
+
+        Part of the per-sample gradient contract (:mod:`eqlightning.nn.persample`): ``forward`` must return
+        exactly what the default forward returns (a mechanism uses it to run the convolution through its own
+        autograd function). Not saved with the module's state.
+        """
+        previous, self._routed_forward = self._routed_forward, forward
+        return previous
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if self._training_forward is not None and self.training and torch.is_grad_enabled():
-            return self._training_forward(self, x)
+        if self._routed_forward is not None and self.training and torch.is_grad_enabled():
+            return self._routed_forward(self, x)
         if not self.training and not torch.is_grad_enabled():
             filt, bias = self._cached_expand()
         else:
@@ -109,8 +119,29 @@ class EquivariantConv2d(EquivariantModule):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_eval_cache"] = None
-        state.pop("_fused_grad_sample", None)
+        state["_routed_forward"] = None
         return state
+
+    def per_sample_filter_gradients(self, x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+        """``(N, out, in, k, k)``: each sample's gradient with respect to the expanded filter (unfold + batched
+        matmul), for the layer's input ``x`` and the gradient of a sum-reduced loss w.r.t. its output."""
+        n, k = x.shape[0], self.kernel_size
+        cols = F.unfold(x, k, dilation=self.dilation, padding=self.padding, stride=self.stride)  # (N, in*k*k, L)
+        grads = torch.bmm(grad_output.reshape(n, grad_output.shape[1], -1), cols.transpose(1, 2))
+        return grads.view(n, grad_output.shape[1], x.shape[1], k, k)
+
+    def per_sample_gradients(self, inputs, grad_output: torch.Tensor) -> dict:
+        """Exact per-sample gradients (the contract of :mod:`eqlightning.nn.persample`). The filter is linear in
+        the coefficients (``W = B w``), so ``dL/dw_n = B^T dL/dW_n``: per-sample filter gradients mapped back onto
+        the basis coefficients with :meth:`ConvBasis.project`."""
+        result = {}
+        with fp32_compute(inputs[0], grad_output) as (x, g):
+            if self.weight.requires_grad:
+                filt = self.per_sample_filter_gradients(x, g.to(x.dtype))
+                result[self.weight] = self.basis.project(filt).to(self.weight.dtype)  # (N, dim)
+            if self.bias is not None and self.bias.requires_grad:
+                result[self.bias] = self.basis.project_bias(g.sum(dim=(2, 3)).to(x.dtype)).to(self.bias.dtype)
+        return result
 
     def extra_repr(self) -> str:
         group = self.in_type.gspace.fibergroup.name

@@ -8,6 +8,7 @@ from torch import nn
 
 from .fields import check_pointwise, field_sizes
 from .module import EquivariantModule
+from .persample import fp32_compute
 
 
 def _field_size(in_type, layer: str) -> int:
@@ -52,6 +53,23 @@ class FieldGroupNorm(EquivariantModule):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+
+    def per_sample_gradients(self, inputs, grad_output: torch.Tensor) -> dict:
+        """Exact per-sample gradients (see :mod:`eqlightning.nn.persample`), in closed form: per-channel sums of
+        ``g * x_hat`` (weight) and ``g`` (bias), summed within each field. (Recomputing ``x_hat`` with
+        ``group_norm`` is faster on CPU than ``rstd * (sum g x - mean * sum g)`` from ``var_mean``, measured at
+        batch 64-256 on 7-28 px maps.)"""
+        result = {}
+        if not self.affine:
+            return result
+        with fp32_compute(inputs[0], grad_output) as (x, g):
+            shape = (x.shape[0], self.num_fields, self.field_size)
+            if self.weight.requires_grad:
+                x_hat = F.group_norm(x, self.num_groups, eps=self.eps)
+                result[self.weight] = (x_hat * g).sum(dim=(2, 3)).view(shape).sum(2).to(self.weight.dtype)
+            if self.bias.requires_grad:
+                result[self.bias] = g.sum(dim=(2, 3)).view(shape).sum(2).to(self.bias.dtype)
+        return result
 
     def channel_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel weight and bias (each field's value repeated over its channels)."""

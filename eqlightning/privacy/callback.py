@@ -2,46 +2,42 @@
 
     trainer = Trainer(callbacks=[DifferentialPrivacy(target_epsilon=8.0)], ...)   # or in YAML: trainer.callbacks
 
-What it does, at ``fit`` start (after Lightning has created the optimizer and wrapped DDP):
-
-1. refuses layers with batch statistics (per-sample gradients would be undefined);
-2. replaces the training loader with a Poisson-sampled one at rate ``q = 1 / len(loader)`` (optionally with
-   ``augmult`` views per sample and physical micro-batches), keeping its dataset, collate and workers;
-3. calibrates the noise multiplier so that the planned steps spend ``target_epsilon`` (or takes
-   ``noise_multiplier`` as given), and computes how many steps the budget allows;
-4. attaches Opacus's per-sample gradient hooks to the (DDP-wrapped) model and wraps the optimizer so every step
-   clips each sample's gradient to ``max_grad_norm``, adds Gaussian noise and divides by the expected batch size.
-
-During training it logs ``dp/epsilon`` after every step, skips (and stops before) any step that would take epsilon
-past the target, saves a checkpoint when the budget is reached, keeps the accounting in checkpoints (a resumed run
-continues it), and reports ``dp/epsilon`` / ``dp/delta`` in ``test``.
+The callback only orchestrates; the work is done by the engine (:func:`~eqlightning.privacy.engine.make_private`:
+Poisson loader, per-sample gradient mechanism, DP optimizer) and the ledger (:mod:`~.accounting`). At ``fit`` start
+(after Lightning created the optimizer and wrapped DDP) it refuses layers with batch statistics, makes the run's
+loader, model and optimizer private, calibrates the noise so the planned steps spend ``target_epsilon`` and
+computes how many steps the budget allows. During training it accounts every step and logs ``dp/epsilon``: always
+the exact spend of the steps taken so far. It skips (and stops before) any step that would take epsilon past the
+target, saves a checkpoint when the budget is reached, and keeps in every checkpoint what a resumed run needs to be
+the run that was never interrupted: the ledger, the random streams of the sampler (every rank's) and the noise.
+``test`` reports ``dp/epsilon`` / ``dp/delta``.
 
 Sharp edges it guards against: batch norm (refused), shuffled batches (Poisson is enforced; opting out warns that
-epsilon is not a guarantee), DDP ranks drifting apart (the DDP-wrapped module is made private so the distributed
-optimizer all-reduces the noised gradients), Lightning's distributed sampler (must be off), ranks sharing a random
-stream (each rank gets its own generator), gradient accumulation (use ``max_physical_batch_size``).
+epsilon is not a guarantee), DDP ranks drifting apart (the distributed DP optimizer all-reduces the noised
+gradient), Lightning's distributed sampler (must be off), ranks sharing a random stream (each rank has its own),
+gradient accumulation (use ``max_physical_batch_size``), delta >= 1/N (refused), a run that takes another number of
+steps than the noise was calibrated for (warned, with both numbers).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader
 
+from . import _lightning
 from .accounting import ACCOUNTANTS, PrivacyLedger, calibrate_noise
 from .ema import WeightEMA
-from .fused import PerSampleGradModule, enable_fused
-from .optimizer import make_private_optimizer
-from .sampling import LogicalBatchSampler, poisson_loader, rank_generator
+from .engine import make_private
+from .mechanisms import list_mechanisms
+from .sampling import PrivateDataLoader, stream_seed
 from .validation import check_dp_compatible
 
-GRAD_SAMPLE_MODES = ("fused", "hooks", "functorch")
+_NOISE_STREAM = 0x4E6F697365  # stream key of the noise generator ("Noise")
 
 
 def _positive(name: str, value, integer: bool = False, allow_none: bool = True) -> None:
@@ -62,7 +58,7 @@ class DifferentialPrivacy(Callback):
         target_epsilon: privacy budget; the noise multiplier is calibrated so the planned steps spend it, and
             training stops before a step would exceed it. Give this or ``noise_multiplier``.
         noise_multiplier: fixed noise std / max_grad_norm (then epsilon is only reported, with no stop).
-        delta: target delta. Default: ``0.1 / N`` for a training set of N examples (below 1/N, as DP requires).
+        delta: target delta, below 1/N for N training examples. Default: ``0.1 / N``.
         max_grad_norm: per-sample clipping bound C.
         accountant: ``"prv"`` (default, tightest), ``"rdp"`` or ``"gdp"``.
         epochs / steps: the schedule the noise is calibrated for (default: the trainer's ``max_epochs``).
@@ -72,11 +68,16 @@ class DifferentialPrivacy(Callback):
             optimizer steps once per logical batch), so memory does not limit the batch size.
         poisson_sampling: keep True. False trains on shuffled batches and warns that the reported epsilon is not
             a formal guarantee.
-        grad_sample_mode: ``"fused"`` (default: Opacus hooks, with equivariant convolutions computing their
-            per-sample gradients inside their own backward instead of an extra weight-gradient pass), ``"hooks"``
-            (Opacus's hooks with per-layer rules) or ``"functorch"`` (``torch.func`` for every layer).
-        seed: seed of the Poisson sampler (default: derived from the global seed; each rank differs).
+        grad_sample_mode: the per-sample gradient mechanism: ``"fused"`` (default: equivariant convolutions
+            compute per-sample gradients inside their own backward), ``"hooks"`` (per-layer rules) or
+            ``"functorch"`` (``torch.func`` for every layer); see :mod:`eqlightning.privacy.mechanisms`.
+        seed: seed of the sampling and noise streams (default: the global seed at the first fit). Each rank and
+            each epoch gets its own stream; the streams' state is saved in checkpoints. Like Opacus without
+            ``secure_mode``, the noise comes from a seeded pseudo-random generator: keep the seed private.
     """
+
+    #: tells other components (e.g. ImageClassifier's test report) that this callback logs dp/epsilon itself
+    reports_privacy = True
 
     def __init__(self, target_epsilon: float | None = None, noise_multiplier: float | None = None,
                  delta: float | None = None, max_grad_norm: float = 1.0, accountant: str = "prv",
@@ -104,8 +105,8 @@ class DifferentialPrivacy(Callback):
         _positive("max_physical_batch_size", max_physical_batch_size, integer=True)
         if ema_decay is not None and not (0 <= ema_decay < 1):
             raise ValueError(f"DifferentialPrivacy: ema_decay must be in [0, 1), got {ema_decay!r}")
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"DifferentialPrivacy: grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
+        if grad_sample_mode not in list_mechanisms():
+            raise ValueError(f"DifferentialPrivacy: grad_sample_mode must be one of {list_mechanisms()}, got "
                              f"{grad_sample_mode!r}")
         self.target_epsilon, self.noise_multiplier, self.delta = target_epsilon, noise_multiplier, delta
         self.max_grad_norm, self.accountant = float(max_grad_norm), accountant
@@ -116,14 +117,17 @@ class DifferentialPrivacy(Callback):
         self.sample_rate: float | None = None
         self.budget_steps: float = math.inf
         self.ema: WeightEMA | None = None
+        self.accounting_seconds = 0.0  # time spent computing epsilon (calibration, budget, every step)
         self._restored: dict | None = None
-        self._gsm = None
-        self._optimizer = None
-        self._sampler: LogicalBatchSampler | None = None
-        self._patched = None
+        self._private = None  # the engine's PrivateTraining while fitting
+        self._loader: PrivateDataLoader | None = None
+        self._noise: torch.Generator | None = None
+        self._restore_loader = None
         self._stepped = False
         self._budget_reported = False
         self._run_steps = 0
+        self._mid_batch_warned = False
+        self._planned = 0
         self._test_ema: WeightEMA | None = None
 
     # ------------------------------------------------------------------ setup
@@ -131,26 +135,36 @@ class DifferentialPrivacy(Callback):
         if stage != "fit":
             return
         check_dp_compatible(pl_module)
-        if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
-            raise ValueError("DifferentialPrivacy under DDP samples the whole dataset with a distributed Poisson "
-                             "sampler; Lightning's DistributedSampler must be off: Trainer(use_distributed_sampler="
-                             "False) (YAML: trainer.use_distributed_sampler: false)")
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("DifferentialPrivacy: Trainer(accumulate_grad_batches>1) breaks Poisson batches; use "
                              "DifferentialPrivacy(max_physical_batch_size=...) for large batches instead")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        distributed = trainer.world_size > 1
-        base = self._install_private_loader(trainer, pl_module, distributed)
-        n_train = len(base.dataset)
-        steps_per_epoch = len(self._sampler.sampler)
-        planned = self._planned_steps(trainer, steps_per_epoch)
-
         # a checkpoint being resumed, or this callback's own state when it is reused for another fit: the
-        # accounting continues either way (epsilon never resets)
+        # accounting and the random streams continue either way (epsilon never resets, no batch is redrawn)
         state = self._restored or (self.state_dict() if self.ledger is not None else {})
         self._restored = None
+        base, install, self._restore_loader = _lightning.training_loader(trainer, pl_module)
+        n_train, world = len(base.dataset), trainer.world_size
+        if state.get("seed") is not None:
+            self.seed = int(state["seed"])
+        elif self.seed is None:
+            self.seed = int(torch.initial_seed())
         self.delta = state.get("delta", self.delta) or 0.1 / n_train
+        if self.delta >= 1.0 / n_train:
+            raise ValueError(f"DifferentialPrivacy: delta={self.delta:.3g} is not below 1/N = {1 / n_train:.3g} for "
+                             f"N={n_train} training examples (it would allow releasing whole examples); use e.g. "
+                             f"delta={0.1 / n_train:.2g}")
+        if self._noise is None:
+            self._noise = torch.Generator(device=pl_module.device)
+            self._noise.manual_seed(stream_seed(self.seed, _NOISE_STREAM))
+        if state.get("noise_rng") is not None:
+            self._noise.set_state(state["noise_rng"])
+
+        self.sample_rate = 1.0 / len(base)  # the Poisson loader's rate (one expected pass per epoch)
+        steps_per_epoch = len(base)
+        planned = self._planned_steps(trainer, steps_per_epoch)
+        started = time.perf_counter()
         self.ledger = PrivacyLedger.from_state_dict(state["ledger"]) if "ledger" in state else \
             PrivacyLedger(self.accountant, self.delta)
         if "noise_multiplier" in state:  # resuming: keep the schedule the budget was planned with
@@ -158,33 +172,39 @@ class DifferentialPrivacy(Callback):
         elif self.noise_multiplier is None:
             self.noise_multiplier = calibrate_noise(self.target_epsilon, self.delta, self.sample_rate, planned,
                                                     self.accountant)
-        remaining = self._trainer_steps(trainer, steps_per_epoch) - self.ledger.steps
-        self._run_steps = self.ledger.steps + max(0, remaining)  # where this run ends without a budget stop
+        remaining = max(0, self._trainer_steps(trainer, steps_per_epoch) - self.ledger.steps)
+        self._run_steps = self.ledger.steps + remaining  # where this run ends without a budget stop
         if self.target_epsilon is not None:
             self.budget_steps = self.ledger.steps + self.ledger.max_steps(
                 self.target_epsilon, self.noise_multiplier, self.sample_rate, hint=max(1, planned - self.ledger.steps),
                 cap=max(1, remaining))
+        horizon = min(self._run_steps, self.budget_steps) - self.ledger.steps
+        if horizon > 0 and self.noise_multiplier > 0:  # every value shown during training, computed here at once
+            self.ledger.precompute(self.noise_multiplier, self.sample_rate, int(horizon))
+        self.accounting_seconds += time.perf_counter() - started
+        self._planned = planned
 
-        # Opacus's hook on the first layer fires before its backward (its input needs no grad): expected, not news
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
-                                "respect to module outputs since no inputs require gradients")
-        model = trainer.strategy.model  # the DDP-wrapped module under DDP: its optimizer must be the distributed one
-        if self.grad_sample_mode == "fused":
-            enable_fused(pl_module)
-        self._gsm = PerSampleGradModule(model, batch_first=True, loss_reduction="mean", strict=True,
-                                     force_functorch=self.grad_sample_mode == "functorch")
-        if self.max_physical_batch_size is None:
-            self._gsm.forbid_grad_accumulation()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         if len(trainer.strategy.optimizers) != 1:
             raise ValueError(f"DifferentialPrivacy supports one optimizer, got {len(trainer.strategy.optimizers)}")
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._optimizer = make_private_optimizer(
-            trainer.strategy.optimizers[0], distributed=distributed, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm, expected_batch_size=self.sample_rate * n_train / trainer.world_size,
-            views=self.augmult, grad_scale=scaler.get_scale if scaler is not None else None)
+        # the DDP-wrapped module under DDP: its forward is the one that runs
+        self._private = make_private(
+            trainer.strategy.model, trainer.strategy.optimizers[0], base, noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm, mechanism=self.grad_sample_mode, distributed=world > 1,
+            world_size=world, augmult=self.augmult, max_physical_batch_size=self.max_physical_batch_size,
+            grad_scale=scaler.get_scale if scaler is not None else None, noise_generator=self._noise, seed=self.seed,
+            rank=trainer.global_rank, poisson_sampling=self.poisson_sampling)
+        self._loader, self.sample_rate = self._private.loader, self._private.sample_rate
+        if not self.poisson_sampling:
+            rank_zero_warn("DifferentialPrivacy(poisson_sampling=False): batches are shuffled, not Poisson-sampled, "
+                           "so the reported epsilon is NOT a formal privacy guarantee")
+        if state.get("sampling") is not None:
+            self._loader.load_state_dict(state["sampling"])
+        install(self._loader)
+
+        self._optimizer = self._private.optimizer
         self._optimizer.attach_step_hook(self._after_private_step)
         trainer.strategy.optimizers = [self._optimizer]
-
         if self.ema_decay is not None:
             self.ema = WeightEMA(pl_module, self.ema_decay)
             if "ema" in state:
@@ -192,48 +212,65 @@ class DifferentialPrivacy(Callback):
         rank_zero_info(
             f"DP-SGD: sample rate {self.sample_rate:.5f} ({n_train} examples, E[batch] {self.sample_rate * n_train:.1f}"
             f"), noise multiplier {self.noise_multiplier:.4f}, clip {self.max_grad_norm}, delta {self.delta:.3g}, "
-            f"{self.accountant} accountant; planned {planned} steps"
+            f"{self.accountant} accountant, {self.grad_sample_mode} per-sample gradients; planned {planned} steps"
             + (f", budget epsilon {self.target_epsilon} allows {self.budget_steps} steps in total"
                if self.target_epsilon is not None else "")
-            + (f"; resuming after {self.ledger.steps} steps (epsilon {self.ledger.epsilon():.3f})"
+            + (f"; resuming after {self.ledger.steps} steps (epsilon {self.ledger.epsilon():.4f})"
                if self.ledger.steps else ""))
 
-    def _install_private_loader(self, trainer: Trainer, pl_module: LightningModule, distributed: bool) -> DataLoader:
-        """Build the Poisson loader from the run's training loader and make Lightning use it."""
-        source = getattr(trainer.fit_loop, "_data_source", None)
-        instance = getattr(source, "instance", None)
-        if isinstance(instance, DataLoader):
-            base = instance
-        else:
-            owner = trainer.datamodule if trainer.datamodule is not None and is_overridden(
-                "train_dataloader", trainer.datamodule) else pl_module
-            if not is_overridden("train_dataloader", owner):
-                raise ValueError("DifferentialPrivacy needs the training data as a DataLoader (from a "
-                                 "LightningDataModule, LightningModule.train_dataloader, or trainer.fit(...))")
-            base = owner.train_dataloader()
-        if not isinstance(base, DataLoader):
-            raise TypeError(f"DifferentialPrivacy needs a torch DataLoader for training, got {type(base).__name__}")
-        seed = self.seed if self.seed is not None else torch.initial_seed()
-        generator = rank_generator(seed, trainer.global_rank)
-        if self.poisson_sampling:
-            loader, self.sample_rate = poisson_loader(base, distributed=distributed, generator=generator,
-                                                      views=self.augmult, max_physical=self.max_physical_batch_size)
-        else:
-            warnings.warn("DifferentialPrivacy(poisson_sampling=False): batches are shuffled, not Poisson-sampled, so "
-                          "the reported epsilon is NOT a formal privacy guarantee", UserWarning, stacklevel=2)
-            rank_zero_warn("DP WITHOUT POISSON SAMPLING: the reported epsilon is not a formal guarantee")
-            batch_sampler = LogicalBatchSampler(base.batch_sampler, self.augmult, self.max_physical_batch_size)
-            loader = DataLoader(base.dataset, batch_sampler=batch_sampler, collate_fn=base.collate_fn,
-                                num_workers=base.num_workers, pin_memory=base.pin_memory)
-            self.sample_rate = 1.0 / len(base)
-        self._sampler = loader.batch_sampler
-        if isinstance(instance, DataLoader):
-            source.instance = loader
-            self._patched = (source, "instance", instance)
-        else:
-            owner.train_dataloader = lambda: loader  # instance attribute: Lightning's hook call picks it up
-            self._patched = (owner, "train_dataloader", None)
-        return base
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if loader is not self._loader:
+            raise ValueError("DifferentialPrivacy: Lightning replaced the Poisson-sampled training loader (it does "
+                             "under DDP with use_distributed_sampler=True): set Trainer(use_distributed_sampler="
+                             "False) (YAML: trainer.use_distributed_sampler: false)")
+        self._warn_if_run_differs_from_plan(trainer)
+
+    def _warn_if_run_differs_from_plan(self, trainer: Trainer) -> None:
+        batches = len(self._loader)
+        limited = trainer.num_training_batches < batches
+        steps_per_epoch = len(self._loader.batch_sampler.sampler)
+        if limited:  # limit_train_batches / fast_dev_run: count logical batches within the limit
+            steps_per_epoch = max(1, int(trainer.num_training_batches * steps_per_epoch / batches))
+        actual = min(self._trainer_steps(trainer, steps_per_epoch), self.budget_steps)
+        if self.target_epsilon is not None and actual != self._planned and not self.ledger.steps:
+            spent = self.ledger.epsilon(actual, self.noise_multiplier, self.sample_rate)
+            rank_zero_warn(f"DifferentialPrivacy: the noise was calibrated for {self._planned} steps, but this run "
+                           f"will take {actual} (limit_train_batches, fast_dev_run, max_steps or max_epochs differ "
+                           f"from the plan): it will spend epsilon {spent:.4g}, not {self.target_epsilon}")
+
+    # --------------------------------------------------------------- training
+    def _after_private_step(self, optimizer) -> None:  # Opacus step hook: once per real (noised) step
+        self.ledger.step(self.noise_multiplier, self.sample_rate)
+        self._stepped = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        ends_logical_batch = self._loader.batch_sampler.pop_end()
+        over_budget = self.ledger.steps >= self.budget_steps
+        self._optimizer.signal_skip_step(do_skip=over_budget or not ends_logical_batch)
+        if over_budget:
+            trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._stepped:
+            self._stepped = False
+            if self.ema is not None:
+                self.ema.update()
+        pl_module.log("dp/epsilon", self.epsilon, on_step=True, on_epoch=False, prog_bar=True)
+        if self.budget_steps <= self.ledger.steps < self._run_steps and not self._budget_reported:
+            self._budget_reported = True
+            trainer.should_stop = True
+            path = self._budget_checkpoint_path(trainer)
+            trainer.save_checkpoint(path)
+            rank_zero_info(f"DP-SGD: the privacy budget epsilon={self.target_epsilon} allows no further step "
+                           f"(spent {self.epsilon:.4f} in {self.ledger.steps} steps); training stops. "
+                           f"Checkpoint: {path}")
+
+    @staticmethod
+    def _budget_checkpoint_path(trainer: Trainer) -> str:
+        callback = trainer.checkpoint_callback
+        directory = getattr(callback, "dirpath", None) or trainer.default_root_dir
+        return str(Path(directory) / "dp-budget-reached.ckpt")
 
     def _planned_steps(self, trainer: Trainer, steps_per_epoch: int) -> int:
         if self.steps is not None:
@@ -252,48 +289,6 @@ class DifferentialPrivacy(Callback):
                              "steps=...) so the noise can be calibrated for a known number of steps")
         return int(steps)
 
-    # --------------------------------------------------------------- training
-    def _after_private_step(self, optimizer) -> None:  # Opacus step hook: once per real (noised) step
-        self.ledger.step(self.noise_multiplier, self.sample_rate)
-        self._stepped = True
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        ends_logical_batch = self._sampler.pop_end()
-        over_budget = self.ledger.steps >= self.budget_steps
-        self._optimizer.signal_skip_step(do_skip=over_budget or not ends_logical_batch)
-        if over_budget:
-            trainer.should_stop = True
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._stepped:
-            self._stepped = False
-            if self.ema is not None:
-                self.ema.update()
-        pl_module.log("dp/epsilon", self._epsilon_for_log(trainer), on_step=True, on_epoch=False, prog_bar=True)
-        if self.budget_steps <= self.ledger.steps < self._run_steps and not self._budget_reported:
-            self._budget_reported = True
-            trainer.should_stop = True
-            path = self._budget_checkpoint_path(trainer)
-            trainer.save_checkpoint(path)
-            rank_zero_info(f"DP-SGD: the privacy budget epsilon={self.target_epsilon} allows no further step "
-                           f"(spent {self.ledger.epsilon():.4f} in {self.ledger.steps} steps); training stops. "
-                           f"Checkpoint: {path}")
-
-    def _epsilon_for_log(self, trainer: Trainer) -> float:
-        steps = self.ledger.steps
-        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
-        if self.accountant != "prv" or steps % every == 0 or steps == 0:
-            return self.ledger.epsilon()
-        # PRV costs ~1 s per evaluation: between logging steps report the value at the next logging step (an upper
-        # bound, since epsilon grows with the steps); the steps Lightning writes are exact.
-        return self.ledger.epsilon(extra_steps=every - steps % every)
-
-    @staticmethod
-    def _budget_checkpoint_path(trainer: Trainer) -> str:
-        callback = trainer.checkpoint_callback
-        directory = getattr(callback, "dirpath", None) or trainer.default_root_dir
-        return str(Path(directory) / "dp-budget-reached.ckpt")
-
     # ------------------------------------------------------------- evaluation
     def on_validation_start(self, trainer, pl_module) -> None:
         if self.ema is not None:
@@ -305,7 +300,8 @@ class DifferentialPrivacy(Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:
         # Testing a checkpoint: its weights come from the file, so the EMA must too. Epsilon: the whole run's when
-        # this process trained it (choosing among checkpoints is post-processing of the run), else the file's.
+        # this process trained it (choosing among checkpoints is post-processing of the run), else the file's (the
+        # spend of the steps that produced that checkpoint).
         state = self._state_from_checkpoint(trainer)
         if self.ledger is None and state:
             self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
@@ -318,7 +314,7 @@ class DifferentialPrivacy(Callback):
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         if self.ledger is not None:
-            pl_module.log("dp/epsilon", self.ledger.epsilon())
+            pl_module.log("dp/epsilon", self.epsilon)
             pl_module.log("dp/delta", self.ledger.delta)
 
     def on_test_end(self, trainer, pl_module) -> None:
@@ -335,24 +331,26 @@ class DifferentialPrivacy(Callback):
 
     # ----------------------------------------------------------- end and state
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.ledger is not None:
-            rank_zero_info(f"DP-SGD: spent epsilon {self.ledger.epsilon():.4f} at delta {self.ledger.delta:.3g} "
-                           f"({self.accountant}) in {self.ledger.steps} steps")
+        if self.ledger is None:
+            return
+        if self.ledger.steps < min(self._run_steps, self.budget_steps) and self.target_epsilon is not None:
+            rank_zero_warn(f"DifferentialPrivacy: training ended after {self.ledger.steps} of the "
+                           f"{min(self._run_steps, self.budget_steps)} steps the noise was calibrated for (max_time, "
+                           f"early stopping or an interruption): spent epsilon {self.epsilon:.4f} of "
+                           f"{self.target_epsilon}")
+        rank_zero_info(f"DP-SGD: spent epsilon {self.epsilon:.4f} at delta {self.ledger.delta:.3g} "
+                       f"({self.accountant}) in {self.ledger.steps} steps; accounting took "
+                       f"{self.accounting_seconds:.2f} s")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
-        if self._gsm is not None:
-            self._gsm.cleanup()  # remove the hooks and Opacus's attributes from the user's model
-            self._gsm = None
-            enable_fused(pl_module, False)
-        if self._patched is not None:
-            owner, name, original = self._patched
-            if original is None:
-                owner.__dict__.pop(name, None)
-            else:
-                setattr(owner, name, original)
-            self._patched = None
+        if self._private is not None:
+            self._private.detach()  # remove the hooks and the engine's attributes from the user's model
+            self._private = None
+        if self._restore_loader is not None:
+            self._restore_loader()
+            self._restore_loader = None
 
     def state_dict(self) -> dict:
         if self.ledger is None:
@@ -360,7 +358,17 @@ class DifferentialPrivacy(Callback):
         state = {"ledger": self.ledger.state_dict(), "delta": self.ledger.delta,
                  "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
                  "max_grad_norm": self.max_grad_norm, "target_epsilon": self.target_epsilon,
-                 "epsilon": self.ledger.epsilon(), "steps": self.ledger.steps}
+                 "epsilon": self.epsilon, "steps": self.ledger.steps, "accountant": self.accountant,
+                 "seed": self.seed}
+        if self._loader is not None:
+            sampler = self._loader.batch_sampler
+            if sampler.mid_logical_batch and not self._mid_batch_warned:
+                self._mid_batch_warned = True
+                rank_zero_warn("DifferentialPrivacy: a checkpoint was saved between the micro-batches of one "
+                               "logical batch; a run resumed from it restarts that logical batch")
+            state["sampling"] = sampler.state_dict()
+        if self._noise is not None:
+            state["noise_rng"] = self._noise.get_state()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
@@ -370,5 +378,10 @@ class DifferentialPrivacy(Callback):
 
     @property
     def epsilon(self) -> float:
-        """Epsilon spent so far (0 before training)."""
-        return 0.0 if self.ledger is None else self.ledger.epsilon()
+        """Epsilon spent so far: the exact value for the steps taken (0 before training)."""
+        if self.ledger is None:
+            return 0.0
+        started = time.perf_counter()
+        value = self.ledger.epsilon()
+        self.accounting_seconds += time.perf_counter() - started
+        return value

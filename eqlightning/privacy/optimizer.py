@@ -24,7 +24,8 @@ class _RecipeMixin:
         for p in self.params:
             if getattr(p, "grad_sample", None) is None:
                 continue
-            g = self._get_flat_grad_sample(p)  # (N * views, *p.shape)
+            g = p.grad_sample  # one tensor per forward (the engine's list), or one tensor
+            g = torch.cat(g, dim=0) if isinstance(g, list) else g  # (N * views, *p.shape)
             if self.views > 1:
                 if g.shape[0] % self.views:
                     raise RuntimeError(f"a batch of {g.shape[0]} rows cannot hold {self.views} views per sample; "

@@ -1,6 +1,11 @@
 """Private training with DDP on CPU (gloo), run by tests/privacy/test_ddp.py as a script.
 
     python tests/privacy/ddp_worker.py --out DIR --devices 2 [--strategy ddp|ddp_spawn] [--precision bf16-mixed]
+        [--full-batch] [--checkpoint-every K] [--resume CKPT]
+
+``--full-batch``: one batch of the whole data set per epoch (sampling rate 1), no noise, no clipping: the update is
+then the full-batch gradient step, the same for any number of processes. ``--checkpoint-every K`` saves
+``DIR/step=<K, 2K, ...>.ckpt`` (as a run killed after such a step would leave); ``--resume CKPT`` continues.
 
 Lightning's ``ddp`` strategy re-launches this script for rank 1. Every rank writes its final parameters and the
 accounting to ``DIR/rank<r>.pt``.
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -40,12 +46,16 @@ class SaveResults(L.Callback):
     """Writes each rank's parameters and accounting at the end of fit (inside the workers, also for ddp_spawn)."""
 
     def __init__(self, out: Path):
-        self.out = out
+        self.out, self.batches = out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(sorted(batch[0].sum(dim=(1, 2, 3)).tolist()))
 
     def on_fit_end(self, trainer, pl_module):
         dp = next(c for c in trainer.callbacks if isinstance(c, DifferentialPrivacy))  # the worker's own copy
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save({"params": [p.detach().clone() for p in pl_module.parameters()], "epsilon": dp.epsilon,
+                    "batches": self.batches,
                     "steps": dp.ledger.steps, "sample_rate": dp.sample_rate, "noise": dp.noise_multiplier,
                     "world_size": trainer.world_size, "pid": os.getpid()}, self.out / f"rank{trainer.global_rank}.pt")
 
@@ -57,6 +67,10 @@ def main() -> None:
     parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--backbone", default="eq_resnet8")
+    parser.add_argument("--full-batch", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--distributed-sampler", action="store_true", help="(wrongly) keep Lightning's sampler")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -64,12 +78,21 @@ def main() -> None:
                             else {"norm": "group", "width_multiplier": 0.125}, num_classes=2, in_channels=1,
                             task="binary-class", input_size=16,
                             optimizer=functools.partial(torch.optim.SGD, lr=0.5))
-    dp = DifferentialPrivacy(target_epsilon=4.0, accountant="rdp", seed=11)
+    if args.full_batch:
+        dp = DifferentialPrivacy(noise_multiplier=0.0, max_grad_norm=1e6, accountant="rdp", seed=11)
+    else:
+        dp = DifferentialPrivacy(target_epsilon=4.0, epochs=2, accountant="rdp", seed=11)
+    callbacks = [dp, SaveResults(args.out)]
+    if args.checkpoint_every:
+        callbacks.append(ModelCheckpoint(dirpath=args.out, every_n_train_steps=args.checkpoint_every,
+                                         save_top_k=-1, filename="{step}"))
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=args.strategy if args.devices > 1 else "auto",
-                        max_epochs=2, callbacks=[dp, SaveResults(args.out)], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        max_epochs=2, callbacks=callbacks, logger=False,
+                        enable_checkpointing=bool(args.checkpoint_every), enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=args.distributed_sampler,
                         precision=args.precision, num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(model, SyntheticData())
+    data = SyntheticData(batch_size=256 if args.full_batch else 32)
+    trainer.fit(model, data, ckpt_path=args.resume)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from eqlightning.privacy import PoissonSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -95,7 +95,7 @@ def test_the_training_loader_is_poisson(tmp_path):
     dp = DifferentialPrivacy(noise_multiplier=1.0)
     trainer(tmp_path, [dp, Spy()], max_epochs=1).fit(ForeignNet())
     assert isinstance(seen["sampler"], LogicalBatchSampler)
-    assert isinstance(seen["sampler"].sampler, UniformWithReplacementSampler)
+    assert isinstance(seen["sampler"].sampler, PoissonSampler)
     assert dp.sample_rate == pytest.approx(1 / 12)
 
 

@@ -1,4 +1,6 @@
-"""Per-sample gradients of eqlightning's layers and backbones against a per-example autograd loop."""
+"""Per-sample gradients of eqlightning's layers and backbones against a per-example autograd loop, for every
+registered mechanism (a new mechanism is held to all of these by registering it) and for the layer rules inside
+stock Opacus."""
 
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-import eqlightning.privacy  # noqa: F401  (registers the rules)
+import eqlightning.privacy  # noqa: F401  (registers the rules with Opacus)
 from eqlightning.models import create_backbone, list_backbones
 from eqlightning.nn import EquivariantConv2d, FieldGroupNorm, field_type, group_gspace, restrict
 from eqlightning.nn._escnn import enn
-from eqlightning.privacy.fused import PerSampleGradModule, enable_fused, per_sample_filter_grads
-from eqlightning.privacy.orbit import orbit_plan
+from eqlightning.privacy import PerSampleGradients, list_mechanisms
+from eqlightning.privacy.mechanisms.fused import per_sample_filter_grads
+from eqlightning.privacy.mechanisms.orbit import orbit_plan
 
 TOL = 1e-5
 
@@ -34,20 +37,24 @@ def loss_one(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out * target).sum() / len(out)  # a generic linear loss (mean over the batch)
 
 
-#: how per-sample gradients can be computed: the callback's three modes (PerSampleGradModule), and our rules in
-#: stock Opacus (``opacus-hooks``; ``opacus-fused``: the fused backward handing over through the registered rule)
-MODES = ("hooks", "functorch", "fused", "opacus-hooks", "opacus-fused")
+#: how per-sample gradients can be computed: every registered mechanism through the engine, and our layer rules
+#: inside stock Opacus (``opacus-hooks``)
+MODES = (*list_mechanisms(), "opacus-hooks")
+
+
+def flat(grad_sample) -> torch.Tensor:
+    return torch.cat(grad_sample) if isinstance(grad_sample, list) else grad_sample
 
 
 def opacus_grads(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str = "opacus-hooks") -> dict:
-    if mode.endswith("fused"):
-        enable_fused(model)
-    cls = GradSampleModule if mode.startswith("opacus") else PerSampleGradModule
-    gsm = cls(model, loss_reduction="mean", force_functorch=mode == "functorch")
-    loss_one(gsm(x), target).backward()
-    grads = {name: p.grad_sample.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    gsm.cleanup()
-    enable_fused(model, False)
+    if mode == "opacus-hooks":
+        engine = GradSampleModule(model, loss_reduction="mean")
+        loss_one(engine(x), target).backward()
+    else:
+        engine = PerSampleGradients(model, mode)
+        loss_one(model(x), target).backward()
+    grads = {name: flat(p.grad_sample).detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    engine.cleanup() if mode == "opacus-hooks" else engine.detach()
     return grads
 
 
@@ -90,7 +97,7 @@ def test_field_group_norm_per_sample_gradients(group):
     x = torch.randn(6, norm.in_type.size, 5, 5)
     target = torch.randn(6, norm.in_type.size, 5, 5)
     reference = reference_grads(norm, x, target)
-    for mode in ("opacus-hooks", "hooks"):
+    for mode in MODES:
         assert_close_relative(opacus_grads(norm, x, target, mode), reference)
 
 
@@ -175,19 +182,44 @@ def test_orbit_path_declines_what_it_cannot_do():
     assert orbit_plan(EquivariantConv2d(field_type("D4", "trivial", 2), reg, 3), torch.randn(2, 2, 7, 7)) is None
 
 
-@pytest.mark.parametrize("cls", [PerSampleGradModule, GradSampleModule])
-def test_fused_gradients_belong_to_their_own_step(cls):
+@pytest.mark.parametrize("mode", list_mechanisms())
+def test_per_sample_gradients_belong_to_their_own_step(mode):
     """Poisson batches change size every step: each step's per-sample gradients must come from that step (the
-    stem's input needs no grad, so Opacus's hook fires before its backward; it must not see a stale result)."""
+    stem's input needs no grad, so its gradient arrives before the fused layers'; it must not see a stale result)."""
     model = create_backbone("eq_resnet8", in_channels=1, num_classes=3, group="C4", width_multiplier=0.5)
     reference_model = copy.deepcopy(model)
-    enable_fused(model)
-    gsm = cls(model, loss_reduction="mean")
+    engine = PerSampleGradients(model, mode)
     for batch in (5, 3, 4):
         x, target = torch.randn(batch, 1, 16, 16), torch.randn(batch, 3)
-        loss_one(gsm(x), target).backward()
-        ours = {name: p.grad_sample.detach().clone() for name, p in model.named_parameters()}
+        loss_one(model(x), target).backward()
+        ours = {name: flat(p.grad_sample).detach().clone() for name, p in model.named_parameters()}
         for p in model.parameters():
             p.grad, p.grad_sample = None, None
         assert_close_relative(ours, reference_grads(reference_model, x, target))
-    gsm.cleanup()
+    engine.detach()
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_a_second_forward_without_a_step_is_refused_unless_accumulating():
+    model = create_backbone("eq_resnet8", in_channels=1, num_classes=3, group="C4", width_multiplier=0.5)
+    engine = PerSampleGradients(model, "fused")
+    x, target = torch.randn(2, 1, 16, 16), torch.randn(2, 3)
+    loss_one(model(x), target).backward()
+    with pytest.raises(ValueError, match="max_physical_batch_size"):
+        loss_one(model(x), target).backward()
+    engine.detach()
+    engine = PerSampleGradients(model, "fused", allow_accumulation=True)
+    loss_one(model(x), target).backward()
+    loss_one(model(x[:1]), target[:1]).backward()
+    assert all([len(g) for g in p.grad_sample] == [2, 1] for p in model.parameters())
+    engine.detach()
+
+
+def test_a_layer_used_twice_in_one_forward_sums_its_contributions():
+    layer = torch.nn.Linear(3, 3)
+    model = torch.nn.Sequential(layer, torch.nn.Tanh(), layer)
+    x, target = torch.randn(4, 3), torch.randn(4, 3)
+    reference = reference_grads(model, x, target)
+    for mode in list_mechanisms():
+        ours = opacus_grads(model, x, target, mode)
+        assert_close_relative({k: v for k, v in ours.items()}, reference)

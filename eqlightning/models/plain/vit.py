@@ -62,6 +62,16 @@ class TokenEmbedding(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (N, 1, dim)
         return torch.cat((cls, x), dim=1) + self.pos_embed  # (N, T + 1, dim)
 
+    def per_sample_gradients(self, inputs, grad_output: torch.Tensor) -> dict:
+        """Exact per-sample gradients (see :mod:`eqlightning.nn.persample`): the class token and the position
+        embedding are added per sample, so their gradients are slices of the output gradient."""
+        result, g = {}, grad_output  # (N, T + 1, dim)
+        if self.cls_token.requires_grad:
+            result[self.cls_token] = g[:, :1].unsqueeze(1).to(self.cls_token.dtype)  # (N, 1, 1, dim)
+        if self.pos_embed.requires_grad:
+            result[self.pos_embed] = g.unsqueeze(1).to(self.pos_embed.dtype)  # (N, 1, T + 1, dim)
+        return result
+
 
 class Attention(nn.Module):
     """Multi-head self-attention from a fused qkv Linear and an output Linear."""

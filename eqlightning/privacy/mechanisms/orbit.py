@@ -21,12 +21,17 @@ when it is built, and anything else uses the generic path.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..nn import EquivariantConv2d
-from ..nn.basis import grid_map
+from ...nn import EquivariantConv2d
+from ...nn.basis import grid_map
+
+#: plans per (shared, per-process) basis and map size; they die with the basis
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class OrbitPlan:
@@ -86,10 +91,9 @@ def orbit_plan(layer: EquivariantConv2d, x: torch.Tensor) -> OrbitPlan | None:
     basis = layer.basis
     size = x.shape[-1]
     if (layer.stride != 1 or layer.dilation != 1 or layer.padding != (layer.kernel_size - 1) // 2
-            or x.shape[-2] != size or len(basis.blocks) != 1 or basis._in_order is not None
-            or basis._out_order is not None):
+            or x.shape[-2] != size or len(basis.blocks) != 1 or not basis.channels_grouped):
         return None
-    plans = basis.__dict__.setdefault("_orbit_plans", {})  # plans live with the (shared, cached) basis
+    plans = _PLANS.setdefault(basis, {})
     if size not in plans:
         plan = OrbitPlan(layer, size)
         plans[size] = plan if plan.valid else None
