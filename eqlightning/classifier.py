@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 
 from . import tasks
 from .models import create_backbone
@@ -19,6 +20,10 @@ class ImageClassifier(L.LightningModule):
     (``ImageClassifier.load_from_checkpoint(path)``). Loss and metrics follow ``task`` (see :mod:`eqlightning.tasks`);
     it logs ``train/loss``, ``val/loss``, ``val/acc``, ``val/auc``, ``test/acc`` and ``test/auc``. Under LightningCLI
     ``num_classes``, ``in_channels``, ``task`` and ``input_size`` are linked from the data module.
+
+    Testing a checkpoint of a private (DP-SGD) run also logs the ``dp/epsilon`` and ``dp/delta`` stored in it, even
+    without the ``DifferentialPrivacy`` callback (which, when present, reports them itself); see
+    :attr:`checkpoint_privacy`.
 
     Args:
         backbone: registered backbone name, e.g. ``"eq_resnet18"``, ``"resnet18"``.
@@ -45,6 +50,9 @@ class ImageClassifier(L.LightningModule):
         self.label_smoothing = label_smoothing
         self.val_metrics = tasks.make_metrics(self.task, num_classes, prefix="val/")
         self.test_metrics = tasks.make_metrics(self.task, num_classes, prefix="test/")
+        #: The privacy state (``epsilon``, ``delta``, ``steps``, ...) of the DP checkpoint these weights were loaded
+        #: from; None for a non-private checkpoint, and after any training (the weights are then no longer those).
+        self.checkpoint_privacy: dict[str, Any] | None = None
 
     @property
     def group(self) -> str | None:
@@ -76,6 +84,20 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
+    def on_test_epoch_end(self) -> None:
+        reported = any(getattr(c, "reports_privacy", False) for c in self.trainer.callbacks)
+        if self.checkpoint_privacy is None or reported:  # not private, or the DP callback logs the numbers itself
+            return
+        self.log("dp/epsilon", self.checkpoint_privacy["epsilon"])
+        if "delta" in self.checkpoint_privacy:
+            self.log("dp/delta", self.checkpoint_privacy["delta"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.checkpoint_privacy = privacy_state(checkpoint)
+
+    def on_fit_start(self) -> None:
+        self.checkpoint_privacy = None  # training moves the weights away from the checkpoint's epsilon
+
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return tasks.scores(self.task, self(x))
@@ -86,3 +108,22 @@ class ImageClassifier(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer),
                                                          "interval": "epoch"}}
+
+
+def privacy_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``DifferentialPrivacy`` callback's state saved in a Lightning checkpoint (a dict with ``epsilon``,
+    ``delta``, ``steps``, ...), or None for a non-private checkpoint. Reads the dict only: nothing from Opacus."""
+    callbacks = checkpoint.get("callbacks")
+    for key, state in (callbacks.items() if isinstance(callbacks, dict) else ()):
+        if not (str(key).startswith("DifferentialPrivacy") and isinstance(state, dict) and "epsilon" in state):
+            continue
+        try:
+            numbers = {name: float(state[name]) for name in ("epsilon", "delta") if name in state}
+        except (TypeError, ValueError):
+            rank_zero_warn(f"checkpoint entry {key!r} holds epsilon={state.get('epsilon')!r}, delta="
+                           f"{state.get('delta')!r}, not numbers: dp/epsilon is not reported; test with the "
+                           f"DifferentialPrivacy callback to recompute it.")
+            return None
+        scalars = {k: v for k, v in state.items() if v is None or isinstance(v, (bool, int, float, str))}
+        return {**scalars, **numbers}  # not the ledger or the EMA weights
+    return None

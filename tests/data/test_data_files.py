@@ -102,17 +102,26 @@ def test_failed_verification_is_not_cached(tmp_path, medmnist_root, count_hashes
 
 
 # --------------------------------------------------------------------------------------- verification cache
-def test_second_load_does_not_rehash(tmp_path, medmnist_root, count_hashes):
-    root = str(medmnist_root)  # read-only shared folder: the cache must live elsewhere
-    MedMNISTDataModule(flag="pneumoniamnist", root=root, download=False).prepare_data()
-    MedMNISTDataModule(flag="pneumoniamnist", root=root, download=False).prepare_data()
-    dm = MedMNISTDataModule(flag="pneumoniamnist", root=root, download=False)
+@pytest.mark.parametrize("via", ["directory", "symlink"])
+def test_second_load_does_not_rehash(tmp_path, medmnist_root, count_hashes, via):
+    """One hash for any number of loads, whichever way the root is spelled. Files are hashed and cached under their
+    resolved path (os.path.realpath), so compare with that: ../shared may itself be a symbolic link."""
+    link = tmp_path / "medmnist-link"
+    link.symlink_to(medmnist_root, target_is_directory=True)
+    root, other = (medmnist_root, link) if via == "directory" else (link, medmnist_root)
+    real = Path(os.path.realpath(medmnist_root / "pneumoniamnist.npz"))
+    MedMNISTDataModule(flag="pneumoniamnist", root=str(root), download=False).prepare_data()
+    MedMNISTDataModule(flag="pneumoniamnist", root=str(root), download=False).prepare_data()
+    dm = MedMNISTDataModule(flag="pneumoniamnist", root=str(root), download=False)
     dm.prepare_data()
     dm.setup()  # prepare_data + setup on one instance: still one check
-    assert count_hashes == [medmnist_root / "pneumoniamnist.npz"]
+    assert count_hashes == [real]
+    assert dm.file_path == root / "pneumoniamnist.npz"  # reported as the user spelled it, not resolved
+    MedMNISTDataModule(flag="pneumoniamnist", root=str(other), download=False).prepare_data()
+    assert count_hashes == [real]  # the same file through the other path: already verified
     cache = json.loads((tmp_path / "xdg-cache" / "eqlightning" / "verified-md5.json").read_text())
-    entry = cache["files"][os.path.realpath(medmnist_root / "pneumoniamnist.npz")]
-    assert entry["md5"] == "28209eda62fecd6e6a2d98b1501bb15f"
+    assert list(cache["files"]) == [str(real)]
+    assert cache["files"][str(real)]["md5"] == "28209eda62fecd6e6a2d98b1501bb15f"
     assert not any(p.name.startswith(".") for p in medmnist_root.iterdir())
 
 
