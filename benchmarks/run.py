@@ -19,8 +19,8 @@ What is compared (default: the default equivariant backbone of configs/, eq_resn
   the images/s of the model steps.
 
 Timing: after warm-up, the configurations are measured round-robin (one step each per round, so drift hits all of
-them alike); times are medians over rounds and the target ratios medians of the per-round ratios; each private step is also split into forward, backward (per-sample
-gradients included) and optimizer step (clipping, noise, update). Peak memory is the growth of the process's peak
+them alike); times are medians over rounds and the target ratios medians of the per-round ratios; each private step
+is also split into forward, backward (per-sample gradients included) and optimizer step (clipping, noise, update). Peak memory is the growth of the process's peak
 resident set over two steps (CPU, after returning freed memory to the OS) or ``torch.cuda.max_memory_allocated``.
 The JSON holds, per device and batch size, the target ratios under ``dp_over_nonprivate``,
 ``equivariant_over_same_channel_plain`` and ``exported_over_plain``; ``--profile`` (default on) adds a

@@ -1,4 +1,5 @@
-"""benchmarks/run.py says when the machine was busy: spreads, load, CPU share, the noisy verdict and the refusal to write.
+"""benchmarks/run.py says when the machine was busy: spreads, load, CPU share, the noisy verdict, the refusal to
+write.
 
 The decision functions are tested on synthetic numbers (no timing); one tiny end-to-end run checks the report's shape.
 """

@@ -96,7 +96,8 @@ def test_a_callback_that_reports_privacy_silences_the_module(checkpoints, tmp_pa
 
 
 def test_training_on_forgets_the_checkpoint_epsilon(checkpoints, tmp_path):
-    """Fitting on from a DP checkpoint without DP: the weights change, so the stored epsilon no longer describes them."""
+    """Fitting on from a DP checkpoint without DP: the weights change, so the stored epsilon no longer describes
+    them."""
     model = ImageClassifier(**MODEL)
     trainer = _trainer(tmp_path, max_steps=3)
     trainer.fit(model, train_dataloaders=_loader(), ckpt_path=str(checkpoints["dp"]))

@@ -73,26 +73,45 @@ def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta:
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """The smallest noise multiplier (to 0.01 in epsilon) such that ``steps`` steps spend at most ``target_epsilon``.
 
-    For ``prv`` the search is Opacus's ``get_noise_multiplier`` run on the ledger's own epsilon (the canonical-horizon
-    grid), so ``PrivacyLedger("prv", delta, [(sigma, sample_rate, steps)]).epsilon() <= target_epsilon`` holds exactly.
+    For ``prv`` the search (false position, to Opacus's tolerance of 0.01 below the target) runs on the ledger's own
+    epsilon (the canonical-horizon grid), so ``PrivacyLedger("prv", delta, [(sigma, sample_rate, steps)]).epsilon()
+    <= target_epsilon`` holds exactly.
     """
     if accountant != "prv":
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                           steps=steps, accountant=accountant, epsilon_tolerance=0.01))
     spent = lambda sigma: _epsilon("prv", ((float(sigma), float(sample_rate), int(steps)),), delta)  # noqa: E731
-    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
-    while eps_high > target_epsilon:  # the same search as opacus.accountants.utils.get_noise_multiplier
-        sigma_high = 2 * sigma_high
+    # Bracket from sigma = 1 by doubling/halving, then false position (Illinois): ~7 PRV evaluations (each ~0.25 s,
+    # most of it the one-step RDP curve that sizes the PRV domain) where bisection from [0, 20] needs ~14.
+    sigma_high = 1.0
+    eps_high = spent(sigma_high)
+    while eps_high > target_epsilon:
+        sigma_high *= 2
         eps_high = spent(sigma_high)
         if sigma_high > 1e6:
-            raise ValueError("The privacy budget is too low.")
-    while target_epsilon - eps_high > 0.01:
-        sigma = (sigma_low + sigma_high) / 2
+            raise ValueError(f"target_epsilon={target_epsilon} cannot be reached with {steps} steps at sample rate "
+                             f"{sample_rate:.3g} (noise multiplier above 1e6): raise the budget or take fewer steps")
+    sigma_low, eps_low = sigma_high / 2, spent(sigma_high / 2)
+    while eps_low <= target_epsilon:
+        sigma_high, eps_high = sigma_low, eps_low
+        sigma_low, eps_low = sigma_low / 2, spent(sigma_low / 2)
+    side = 0
+    while target_epsilon - eps_high > 0.01:  # invariant: eps_low > target >= eps_high, sigma_low < sigma_high
+        f_low, f_high = eps_low - target_epsilon, eps_high - target_epsilon
+        sigma = sigma_high - f_high * (sigma_high - sigma_low) / (f_high - f_low)
+        if not sigma_low < sigma < sigma_high or sigma_high - sigma_low < 1e-12:
+            sigma = (sigma_low + sigma_high) / 2
         eps = spent(sigma)
-        if eps < target_epsilon:
+        if eps <= target_epsilon:
             sigma_high, eps_high = sigma, eps
+            if side == 1:  # Illinois: halve the stale end's weight so both ends move
+                eps_low = target_epsilon + (eps_low - target_epsilon) / 2
+            side = 1
         else:
-            sigma_low = sigma
+            sigma_low, eps_low = sigma, eps
+            if side == -1:
+                eps_high = target_epsilon + (eps_high - target_epsilon) / 2
+            side = -1
     return float(sigma_high)
 
 

@@ -1,4 +1,4 @@
-"""``DifferentialPrivacy``: a Lightning callback that turns any training run into DP-SGD with an (epsilon, delta) budget.
+"""``DifferentialPrivacy``: a Lightning callback that makes any training run DP-SGD with an (epsilon, delta) budget.
 
     trainer = Trainer(callbacks=[DifferentialPrivacy(target_epsilon=8.0)], ...)   # or in YAML: trainer.callbacks
 

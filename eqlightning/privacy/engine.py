@@ -158,8 +158,9 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Da
     (with ``augmult`` adjacent views per sample and physical batches of at most ``max_physical_batch_size``); the
     expected batch size is then ``q * len(dataset) / world_size`` per process. Without a loader give
     ``expected_batch_size``. The sampling streams are seeded by ``(seed, rank, epoch)`` (see
-    :mod:`~eqlightning.privacy.sampling`); the noise comes from ``noise_generator`` (default: the global RNG). ``module`` is the module whose forward runs (the DDP-wrapped one under DDP); the
-    optimizer is the distributed DP optimizer when ``distributed``.
+    :mod:`~eqlightning.privacy.sampling`); the noise comes from ``noise_generator`` (default: the global RNG).
+    ``module`` is the module whose forward runs (the DDP-wrapped one under DDP); the optimizer is the distributed DP
+    optimizer when ``distributed``.
     """
     private_loader, sample_rate = None, None
     if loader is not None:
