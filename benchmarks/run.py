@@ -62,7 +62,8 @@ DP_PATHS = ("fused", "hooks", "functorch", "opacus")  # the engine's mechanisms,
 
 # A (device, batch size) block is noisy when any of these is crossed (checked by ``noise_reasons``):
 #   max_relative_iqr: the interquartile range of any timed configuration's per-round times (train steps and eval
-#       forwards) above this fraction of its median;
+#       forwards) above this fraction of its median (on a quiet 2-core VM running 2 torch threads the small steps
+#       still spread by 10-15%: measured with nothing else running; a busy machine gives 30% and more);
 #   max_external_load: at the start of the block, the 1-minute load average minus this benchmark's own part of it
 #       (its CPU use, averaged as the kernel averages the load) above the CPUs the benchmark leaves free
 #       (nproc - the threads it runs: torch's intra-op threads on CPU, 1 on CUDA) plus this many CPUs: other
@@ -70,7 +71,8 @@ DP_PATHS = ("fused", "hooks", "functorch", "opacus")  # the engine's mechanisms,
 #   min_cpu_share (CPU devices only): the process's CPU time over the wall time of the measured rounds below this
 #       fraction of its torch threads: it got much less CPU than its threads could use, so it was competing.
 # The load average is the whole (virtual) machine's; in a container sharing a larger host it may overstate the load.
-NOISE_THRESHOLDS = {"max_relative_iqr": 0.10, "max_external_load": 0.5, "min_cpu_share": 0.5}
+NOISE_THRESHOLDS = {"max_relative_iqr": 0.20, "max_external_load": 0.5, "min_cpu_share": 0.5}
+SETTLE_TIMEOUT_S = 240  # before each block, wait at most this long for the load of earlier work to decay
 LOADAVG_TAU_S = 60.0  # the kernel's 1-minute load average is an exponential average with a 60 s time constant
 
 
@@ -325,6 +327,24 @@ def load_reason(load: float, own: float, free_cpus: int, limit: float) -> str | 
             f"above the {free_cpus} CPU(s) it leaves free + {limit}")
 
 
+def wait_until_settled(history: "CpuHistory", device: torch.device, timeout: float = SETTLE_TIMEOUT_S) -> None:
+    """Wait (at most ``timeout`` s) until the load of other processes passes ``load_reason``: the 1-minute load
+    average lags by about a minute, so work that just ended (a test run, a build) would otherwise count as noise."""
+    free = cpus_available() - (torch.get_num_threads() if device.type == "cpu" else 1)
+    deadline, said = time.monotonic() + timeout, False
+    while True:
+        now = history.snapshot()
+        if load_reason(now["load"][0], now["own_load"], free, NOISE_THRESHOLDS["max_external_load"]) is None:
+            return
+        if time.monotonic() > deadline:
+            return  # measured anyway; noise_reasons will say so
+        if not said:
+            print(f"waiting up to {timeout:.0f} s for the load of other work to decay (load {now['load'][0]:.2f})",
+                  flush=True)
+            said = True
+        time.sleep(5)
+
+
 def cpu_share_reason(cpu_share: float | None, threads: int, limit: float) -> str | None:
     """Why the process got too little CPU (CPU/wall below ``limit`` x its threads), or None (also on CUDA)."""
     if cpu_share is None or cpu_share >= limit:
@@ -543,6 +563,8 @@ def main() -> None:
     parser.add_argument("--machine", default=None, help="a name for the machine, stored with the results")
     parser.add_argument("--allow-noisy", action="store_true",
                         help="write the results even when the machine was busy (the JSON then says \"noisy\": true)")
+    parser.add_argument("--settle-seconds", type=float, default=SETTLE_TIMEOUT_S,
+                        help="before each block, wait at most this long for earlier load to decay (0: don't wait)")
     args = parser.parse_args()
     history = CpuHistory()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -565,6 +587,7 @@ def main() -> None:
         args.precision = precision_arg or ("bf16-mixed" if device.type == "cuda" else "32")
         report["results"][name] = {"precision": args.precision}
         for batch in args.batch_sizes:
+            wait_until_settled(history, device, args.settle_seconds)
             before = history.snapshot()
             result, usage = bench_device(models, args, device, batch)
             after = history.snapshot()

@@ -15,7 +15,7 @@ from eqlightning.models import create_backbone, list_backbones
 from eqlightning.nn import EquivariantConv2d, FieldGroupNorm, field_type, group_gspace, restrict
 from eqlightning.nn._escnn import enn
 from eqlightning.privacy import PerSampleGradients, list_mechanisms
-from eqlightning.privacy.mechanisms.fused import per_sample_filter_grads
+from eqlightning.privacy.mechanisms.fused import per_sample_filter_grads, shifted_filter_grads
 from eqlightning.privacy.mechanisms.orbit import orbit_plan
 
 TOL = 1e-5
@@ -75,7 +75,7 @@ def assert_close_relative(ours: dict, ref: dict, tol: float = TOL) -> None:
 @pytest.mark.parametrize("kernel_size", [3, 5, 7])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("spatial", [9, 13], ids=["unfold", "grouped"])  # the fused path's two kernels
+@pytest.mark.parametrize("spatial", [9, 13, 21], ids=["unfold", "shifted", "grouped"])  # the fused path's kernels
 def test_equivariant_conv_per_sample_gradients(group, kernel_size, stride, bias, spatial):
     gs = group_gspace(group)
     t_in = enn.FieldType(gs, [gs.trivial_repr, gs.regular_repr])
@@ -86,6 +86,18 @@ def test_equivariant_conv_per_sample_gradients(group, kernel_size, stride, bias,
     reference = reference_grads(conv, x, target)
     for mode in MODES:
         assert_close_relative(opacus_grads(conv, x, target, mode), reference)
+
+
+@pytest.mark.parametrize("kernel_size,stride,dilation,padding", [(3, 1, 1, None), (3, 2, 1, None), (5, 2, 2, None),
+                                                                  (3, 1, 1, 0), (7, 3, 1, 2)])
+def test_shifted_filter_gradients_equal_unfold(kernel_size, stride, dilation, padding):
+    """The fused path's middle kernel (one matmul per kernel offset) against unfold + bmm, at any geometry."""
+    t = field_type("C4", "regular", 2)
+    conv = EquivariantConv2d(t, t, kernel_size, stride=stride, dilation=dilation, padding=padding).double()
+    x = torch.randn(3, t.size, 17, 17, dtype=torch.float64)
+    gy = torch.randn_like(conv(x))
+    expected = conv.per_sample_filter_gradients(x, gy)
+    torch.testing.assert_close(shifted_filter_grads(conv, x, gy), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("group", ["C8", "D4"])
