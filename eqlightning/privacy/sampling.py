@@ -48,6 +48,7 @@ class PoissonSampler(Sampler):
         self.num_samples, self.sample_rate, self.steps = int(num_samples), float(sample_rate), int(steps)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.shard = torch.arange(self.rank, self.num_samples, self.world_size)
+        self.passes = 0  # passes drawn by direct iteration (LogicalBatchSampler keeps its own count)
 
     def batches(self, pass_index: int):
         generator = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, pass_index))
@@ -56,7 +57,9 @@ class PoissonSampler(Sampler):
             yield self.shard[mask].tolist()
 
     def __iter__(self):
-        return self.batches(0)
+        """The next pass (each call draws a new one: iterating twice never repeats the batches)."""
+        pass_index, self.passes = self.passes, self.passes + 1
+        return self.batches(pass_index)
 
     def __len__(self) -> int:
         return self.steps

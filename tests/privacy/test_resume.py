@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from eqlightning.privacy import DifferentialPrivacy
+from eqlightning.privacy import DifferentialPrivacy, PoissonSampler
 
 from test_callback import ForeignNet, params, trainer  # noqa: E402  (tests/privacy is on sys.path)
 
@@ -101,3 +101,10 @@ def test_resuming_from_the_budget_checkpoint_takes_no_step(tmp_path):
     trainer(tmp_path, [dp], max_epochs=2).fit(model)  # the same callback, a new fit
     assert dp.ledger.steps == steps and dp.epsilon <= 2.0
     assert torch.equal(params(model), checkpoint_params) and not torch.equal(before, checkpoint_params)
+
+
+def test_iterating_a_poisson_sampler_twice_draws_new_batches():
+    sampler = PoissonSampler(200, 0.1, steps=4, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(second) == 4 and first != second
+    assert list(PoissonSampler(200, 0.1, steps=4, seed=0)) == first  # and it is reproducible from the seed
