@@ -3,7 +3,9 @@
 Same entry point as the ``eqlightning`` console script; see ``python cli.py --help`` and README.md.
 """
 
+import sys
+
 from eqlightning.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

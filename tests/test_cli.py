@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eqlightning import ImageClassifier
-from eqlightning.cli import main
+from eqlightning.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
@@ -24,7 +24,7 @@ def _fresh_run_id(monkeypatch):
 
 def test_print_config_shows_the_linked_model_and_data(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--print_config"])
+        run_cli(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "backbone: eq_resnet8" in printed and "flag: breastmnist" in printed and "test_after_fit: true" in printed
@@ -32,7 +32,7 @@ def test_print_config_shows_the_linked_model_and_data(capsys):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_instantiates(config, tmp_path, medmnist_root):
-    cli = main(["--config", str(REPO / config), "--run_root", str(tmp_path),
+    cli = run_cli(["--config", str(REPO / config), "--run_root", str(tmp_path),
                 "--data.root", str(medmnist_root)], run=False)
     data, model = cli.datamodule, cli.model
     assert (model.hparams.num_classes, model.hparams.in_channels, model.task) == (data.num_classes,
@@ -47,14 +47,14 @@ def test_fit_then_test_on_pneumoniamnist_beats_the_majority_class(tmp_path, medm
     common = ["--config", str(REPO / "configs/quickstart.yaml"), "--run_root", str(tmp_path),
               "--run_name", "pneumonia", "--data.flag", "pneumoniamnist", "--data.root", str(medmnist_root),
               "--data.batch_size", "128", "--trainer.enable_progress_bar", "false"]
-    fit = main(["fit", *common, "--trainer.max_epochs", "2", "--test_after_fit", "false"])
+    fit = run_cli(["fit", *common, "--trainer.max_epochs", "2", "--test_after_fit", "false"])
     run_dir = Path(fit.trainer.log_dir)
     assert run_dir.parent == tmp_path / "pneumonia"
     best = run_dir / "checkpoints" / "best.ckpt"
     for name in ("metrics.csv", "config.yaml", "hparams.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
         assert (run_dir / name).is_file(), name
 
-    test = main(["test", *common, "--ckpt_path", str(best)])
+    test = run_cli(["test", *common, "--ckpt_path", str(best)])
     metrics = test.trainer.callback_metrics
     majority = test.datamodule.majority_rate("test")
     assert majority == pytest.approx(390 / 624)
@@ -75,7 +75,7 @@ def test_fit_then_test_on_pneumoniamnist_beats_the_majority_class(tmp_path, medm
 def test_private_fit_from_a_dp_config_reports_epsilon(tmp_path, medmnist_root):
     from eqlightning.privacy import DifferentialPrivacy
 
-    cli = main(["fit", "--config", str(REPO / "configs/dp/breastmnist_eps8.yaml"), "--run_root", str(tmp_path),
+    cli = run_cli(["fit", "--config", str(REPO / "configs/dp/breastmnist_eps8.yaml"), "--run_root", str(tmp_path),
                 "--data.root", str(medmnist_root), "--trainer.max_epochs", "2",
                 "--trainer.enable_progress_bar", "false"])
     dp = next(c for c in cli.trainer.callbacks if isinstance(c, DifferentialPrivacy))
@@ -102,7 +102,7 @@ def test_console_script_is_the_same_entry_point(capsys, monkeypatch):
 
 def test_bad_backbone_name_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown backbone 'eq_resnet19'.*Did you mean"):
-        main(["--config", str(REPO / "configs/quickstart.yaml"), "--run_root", str(tmp_path),
+        run_cli(["--config", str(REPO / "configs/quickstart.yaml"), "--run_root", str(tmp_path),
               "--model.backbone", "eq_resnet19"], run=False)
 
 

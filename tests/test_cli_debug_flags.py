@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningCLI
 
 import eqlightning.cli as eql_cli
-from eqlightning.cli import EqLightningCLI, main
+from eqlightning.cli import EqLightningCLI, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def said(monkeypatch) -> list[str]:
 
 
 def _fit(config: str, flags: list[str], tmp_path: Path):
-    return main(["fit", "--config", str(REPO / config), "--run_root", str(tmp_path), *SMALL, *flags])
+    return run_cli(["fit", "--config", str(REPO / config), "--run_root", str(tmp_path), *SMALL, *flags])
 
 
 def _param(config: str, flag: str):
@@ -128,7 +128,7 @@ def test_no_validation_yet_tests_the_final_weights(tmp_path, said):
 @pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25)])
 def test_limit_batches_parse_ints_as_batch_counts(value, expected, tmp_path):
     """Lightning: an int is a number of batches, a float a fraction; "1" must not become 1.0 (= all batches)."""
-    cli = main(["--config", str(REPO / PLAIN_CONFIG), "--run_root", str(tmp_path),
+    cli = run_cli(["--config", str(REPO / PLAIN_CONFIG), "--run_root", str(tmp_path),
                 *(f"--trainer.limit_{stage}_batches={value}" for stage in ("train", "val", "test", "predict"))],
                run=False)
     for stage in ("train", "val", "test", "predict"):

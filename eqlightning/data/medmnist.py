@@ -108,14 +108,17 @@ class MedMNISTDataModule(pl.LightningDataModule):
         mirror: base URL (``http(s)://...`` or ``file:///...``) serving files under their official names.
         md5: expected MD5 of the file; default the official one. Set it to use your own file in the official format.
         pin_memory: pin batches in page-locked memory (for GPU training).
+        predict_split: the split ``predict`` scores (``train``, ``val`` or ``test``), in file order.
     """
 
     def __init__(self, flag: str = "breastmnist", size: int = 28, root: str | None = None, batch_size: int = 128,
                  eval_batch_size: int | None = None, num_workers: int = 0, train_fraction: float = 1.0,
                  seed: int = 0, rot90: bool = False, flip: bool = False, crop_padding: int = 0,
                  download: bool = True, mirror: str | None = None, md5: str | None = None,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, predict_split: str = "test") -> None:
         super().__init__()
+        if predict_split not in SPLITS:
+            raise ValueError(f"predict_split must be one of {', '.join(SPLITS)}, got {predict_split!r}")
         self.info = dataset_info(flag, size)
         for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                      ("crop_padding", crop_padding, 0), ("seed", seed, 0)):
@@ -135,6 +138,8 @@ class MedMNISTDataModule(pl.LightningDataModule):
         self.flag, self.size, self.root = self.info.flag, size, root
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        #: The split :meth:`predict_dataloader` serves.
+        self.predict_split = predict_split
         self.train_fraction, self.seed = float(train_fraction), seed
         self.download, self.mirror = download, mirror
         self.md5 = (md5 or self.info.md5).strip().lower()
@@ -200,8 +205,9 @@ class MedMNISTDataModule(pl.LightningDataModule):
         self._ensure_file()
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the splits that ``stage`` needs ('fit': train + val, 'validate': val, 'test'/'predict': test)."""
-        self._load(_STAGE_SPLITS.get(stage, SPLITS))
+        """Load the splits that ``stage`` needs ('fit': train + val, 'validate': val, 'test': test, 'predict':
+        ``predict_split``)."""
+        self._load((self.predict_split,) if stage == "predict" else _STAGE_SPLITS.get(stage, SPLITS))
 
     def _load(self, splits: tuple[str, ...]) -> None:
         todo = tuple(s for s in splits if s not in self._datasets)
@@ -256,5 +262,7 @@ class MedMNISTDataModule(pl.LightningDataModule):
         return self._loader(self.test_dataset, self.eval_batch_size, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """The test split, as :meth:`test_dataloader`."""
-        return self.test_dataloader()
+        """``predict_split`` (default the test split) in file order, never augmented, labels included."""
+        if self.predict_split == "train":  # the selected training subset, unshuffled and unaugmented
+            return self._loader(self.train_dataset, self.eval_batch_size, train=False)
+        return self._loader(self._dataset(self.predict_split), self.eval_batch_size, train=False)

@@ -65,6 +65,7 @@ def backbone_entry(name: str) -> BackboneEntry:
 def create_backbone(name: str, *, in_channels: int = 1, num_classes: int = 2, **kwargs) -> nn.Module:
     """Build a registered backbone by name; ``kwargs`` go to the family (see each entry point's docstring)."""
     entry = backbone_entry(name)
+    _check_common_options(name, in_channels, num_classes, kwargs)
     try:
         model = entry.fn(in_channels=in_channels, num_classes=num_classes, **kwargs)
     except TypeError as err:
@@ -72,3 +73,20 @@ def create_backbone(name: str, *, in_channels: int = 1, num_classes: int = 2, **
     if not hasattr(model, "group"):
         raise TypeError(f"backbone {name!r} must set the attribute `group` (a group name, or None if plain)")
     return model
+
+
+def _check_common_options(name: str, in_channels, num_classes, options: dict) -> None:
+    """Values every family shares, checked before building so a bad one fails with its name, not deep inside."""
+    for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"backbone {name!r}: {key} must be an int >= 1, got {value!r}")
+    for key in ("width_multiplier", "depth_multiplier"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"backbone {name!r}: {key} must be a number > 0 (e.g. 0.5 halves it), got {value!r}")
+    size = options.get("input_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 8):
+        raise ValueError(f"backbone {name!r}: input_size must be an int >= 8 (the image side in pixels), got {size!r}")
+    dropout = options.get("dropout")
+    if dropout is not None and not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"backbone {name!r}: dropout must be in [0, 1), got {dropout!r}")

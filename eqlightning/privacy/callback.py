@@ -352,6 +352,11 @@ class DifferentialPrivacy(Callback):
             self._restore_loader()
             self._restore_loader = None
 
+    @property
+    def budget_reached(self) -> bool:
+        """Whether training stopped (or will stop) because the budget allows no further step before the planned end."""
+        return self.ledger is not None and self.budget_steps <= self.ledger.steps < self._run_steps
+
     def state_dict(self) -> dict:
         if self.ledger is None:
             return dict(self._restored or {})

@@ -15,7 +15,9 @@ class WeightEMA:
 
     def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
         self.decay, self.warmup = float(decay), warmup
-        self._params = [p for p in module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]  # saved with the shadow, so the weights can be matched without us
+        self._params = [p for _, p in named]
         self.shadow = [p.detach().clone() for p in self._params]
         self.updates = 0
         self._backup: list | None = None
@@ -44,7 +46,7 @@ class WeightEMA:
             self._backup = None
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates,
+        return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates, "names": list(self.names),
                 "shadow": [s.detach().cpu().clone() for s in self.shadow]}
 
     def load_state_dict(self, state: dict) -> None:
