@@ -294,3 +294,74 @@ def test_eqlightning_list(capsys, medmnist_root):
     assert main(["list", "groups"]) == 0 and "Backbones" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["list", "nonsense"])
+
+
+# --- checkpoints evaluated as they were meant -------------------------------------------------------------------------
+def test_a_channel_mismatch_is_caught_before_any_convolution(medmnist_root):
+    import lightning.pytorch as L
+
+    from eqlightning import ImageClassifier, MedMNISTDataModule
+
+    data = MedMNISTDataModule("breastmnist", root=str(medmnist_root), batch_size=8)
+    model = ImageClassifier("resnet18", {"width_multiplier": 0.125}, num_classes=2, in_channels=3, task="binary-class")
+    trainer = L.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"in_channels=3 .*breastmnist.* has in_channels=1; build the model with"):
+        trainer.fit(model, data)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1, 28, 28),
+                                                                        torch.zeros(4, dtype=torch.long)))
+    trainer = L.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"the batch has 1 channels .* in_channels=3; build it with in_channels=1"):
+        trainer.fit(model, loader)  # plain loaders: checked on the first batch
+
+
+@pytest.mark.slow
+def test_a_dp_checkpoint_tested_without_the_dp_callback_uses_its_ema_weights(tmp_path):
+    fit = _fit(tmp_path, "--trainer.max_epochs", "2", "--test_after_fit", "true", config=DP_CONFIG)
+    with_callback = fit.trainer.callback_metrics["test/auc"].item()
+    best = Path(fit.trainer.log_dir) / "checkpoints" / "best.ckpt"
+    state = next(v for k, v in torch.load(best, weights_only=False)["callbacks"].items() if "Differential" in k)
+    assert state["ema"]["names"]  # the EMA weights are in the checkpoint, by parameter name
+    plain = run_cli(["test", "--config", QUICKSTART, "--run_root", str(tmp_path / "runs"), *TINY,
+                     "--model.backbone_kwargs.norm", "group", "--ckpt_path", str(best)])
+    assert plain.trainer.callback_metrics["test/auc"].item() == pytest.approx(with_callback, abs=1e-6)
+    assert plain.trainer.callback_metrics["dp/epsilon"].item() == pytest.approx(state["epsilon"])
+
+
+# --- kill -9 in the middle of a private run, then --ckpt_path last -------------------------------------------------
+@pytest.mark.slow
+def test_kill_9_mid_private_run_then_resume_ends_as_the_uninterrupted_run(tmp_path, medmnist_root):
+    import time
+
+    flags = ["--config", DP_CONFIG, *TINY, "--trainer.limit_train_batches", "1.0", "--trainer.max_epochs", "4",
+             "--test_after_fit", "true"]
+    reference = run_cli(["fit", *flags, "--run_root", str(tmp_path / "ref")])
+    ref_dir = Path(reference.trainer.log_dir)
+
+    env, root = _env_for_subprocess(medmnist_root), str(tmp_path / "killed")
+    command = [sys.executable, str(REPO / "cli.py"), "fit", *flags, "--run_root", root]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(Path(root).glob("*/*/checkpoints/last.ckpt")) and process.poll() is None:
+        assert time.monotonic() < deadline, "no last.ckpt after 4 minutes"
+        time.sleep(0.02)
+    process.kill()  # SIGKILL: no handler runs, nothing is flushed
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err[-1500:]}"
+    run_dir = next(Path(root).glob("*/*"))
+    killed_at = _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+
+    resumed = subprocess.run(command + ["--ckpt_path", "last"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == [run_dir.name]  # the same run directory
+
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, ref_dir))
+    assert 0 < killed_at < ours["steps"] == theirs["steps"]
+    assert ours["privacy"]["epsilon"] == theirs["privacy"]["epsilon"] and ours["privacy"]["steps"] == theirs[
+        "privacy"]["steps"]
+    assert ours["metrics"]["test"] == pytest.approx(theirs["metrics"]["test"], abs=1e-6)
+    assert ours["metrics"]["best"]["value"] == pytest.approx(theirs["metrics"]["best"]["value"], abs=1e-6)
+    final = {d: _ckpt(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (run_dir, ref_dir)}
+    for name, value in final[ref_dir].items():
+        torch.testing.assert_close(final[run_dir][name], value, rtol=0, atol=0, msg=name)
+    val = {d: [(r["epoch"], r["val/auc"]) for r in _rows(d) if r["val/auc"]] for d in (run_dir, ref_dir)}
+    assert val[run_dir] == val[ref_dir]  # metrics.csv: each epoch once, as in the uninterrupted run

@@ -155,8 +155,9 @@ class Fused(Mechanism):
         self._deliver = None
 
     def _forward(self, layer: EquivariantConv2d, x: torch.Tensor) -> torch.Tensor:
-        if not x.requires_grad:
-            # the stem: its backward runs after nothing that needs it, and the engine's rule handles it
+        if not x.requires_grad or not any(p.requires_grad for p in layer.parameters(recurse=False)):
+            # the stem: its backward runs after nothing that needs it, and the engine's rule handles it;
+            # a frozen layer (no trainable parameter): only its input gradient, no per-sample gradients
             filt, bias = layer.expand()
             return F.conv2d(x, filt, bias, layer.stride, layer.padding, layer.dilation)
         out = _FusedConv.apply(x, layer.weight, layer.bias, layer, self._deliver)
