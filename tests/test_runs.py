@@ -365,3 +365,75 @@ def test_kill_9_mid_private_run_then_resume_ends_as_the_uninterrupted_run(tmp_pa
         torch.testing.assert_close(final[run_dir][name], value, rtol=0, atol=0, msg=name)
     val = {d: [(r["epoch"], r["val/auc"]) for r in _rows(d) if r["val/auc"]] for d in (run_dir, ref_dir)}
     assert val[run_dir] == val[ref_dir]  # metrics.csv: each epoch once, as in the uninterrupted run
+
+
+# --- every task type -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task, classes", [("binary-class", 2), ("multi-class", 3), ("ordinal-regression", 4),
+                                           ("multi-label, binary-class", 3)])
+def test_summary_and_predictions_for_every_task_type(task, classes, tmp_path):
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from eqlightning import ImageClassifier
+    from eqlightning.runs import LastCheckpoint, PredictionWriter, RunSummary
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 1, 28, 28, generator=g) * 2 - 1
+    y = (torch.randint(0, 2, (12, classes), generator=g) if task.startswith("multi-label")
+         else torch.arange(12).remainder(classes).reshape(12, 1))
+    loader = DataLoader(TensorDataset(x, y), batch_size=6)
+    model = ImageClassifier("eq_resnet8", {"group": "C4", "width_multiplier": 0.25}, num_classes=classes,
+                            in_channels=1, task=task)
+    run_dir = tmp_path / "run"
+    writer = PredictionWriter(run_dir / "predictions.csv", split="test")
+    trainer = L.Trainer(max_epochs=1, logger=RunCSVLogger(tmp_path, "", "run"), enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(run_dir),
+                        callbacks=[RunSummary(run_dir), LastCheckpoint(run_dir / "checkpoints"), writer])
+    trainer.fit(model, loader, loader)
+    trainer.test(model, loader)
+    predictions = trainer.predict(model, loader)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["model"]["task"] == task and summary["status"] == "completed"
+    assert {"val/acc", "val/auc"} <= summary["metrics"]["final"].keys()
+    assert {"test/acc", "test/auc"} <= summary["metrics"]["test"].keys()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "curves.png").is_file()
+
+    with open(run_dir / "predictions.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    scores = torch.cat(predictions)
+    assert len(rows) == 12 and [int(r["index"]) for r in rows] == list(range(12)) and rows[0]["split"] == "test"
+    for i, row in enumerate(rows):
+        got = torch.tensor([float(row[f"score_{j}"]) for j in range(classes)])
+        torch.testing.assert_close(got, scores[i], atol=1e-5, rtol=1e-5)
+        if task.startswith("multi-label"):
+            assert [int(row[f"label_{j}"]) for j in range(classes)] == y[i].tolist()
+            assert [int(row[f"pred_{j}"]) for j in range(classes)] == (scores[i] > 0.5).long().tolist()
+        else:
+            assert int(row["label"]) == int(y[i, 0])
+            expected = int(scores[i, 1] > 0.5) if task == "binary-class" else int(scores[i].argmax())
+            assert int(row["pred"]) == expected
+
+
+def test_a_non_private_run_resumed_at_an_epoch_end_equals_the_uninterrupted_run(tmp_path):
+    """Shuffling and augmentations are functions of (seed, epoch), so the resumed epochs see the same batches."""
+    augment = ["--data.rot90", "true", "--data.flip", "true"]
+    reference = _fit(tmp_path, "--trainer.max_epochs", "3", *augment, name="ref")
+    _fit(tmp_path, "--trainer.max_epochs", "1", *augment, name="cut")
+    resumed = _fit(tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", "last", *augment, name="cut")
+    ours, theirs = (_ckpt(Path(c.trainer.log_dir) / "checkpoints" / "last.ckpt") for c in (resumed, reference))
+    assert ours["global_step"] == theirs["global_step"] == 6
+    for name, value in theirs["state_dict"].items():
+        torch.testing.assert_close(ours["state_dict"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_training_batches_change_every_pass_and_repeat_per_epoch(medmnist_root):
+    from eqlightning import MedMNISTDataModule
+
+    data = MedMNISTDataModule("breastmnist", root=str(medmnist_root), batch_size=16, rot90=True)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    first, second = (next(iter(loader)) for _ in range(2))  # plain iteration advances the epoch
+    assert not torch.equal(first[0], second[0])
+    loader.sampler.set_epoch(0)
+    again = next(iter(loader))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .augment import BatchAugment
 from .catalog import MULTI_LABEL, SPLITS, dataset_info
@@ -52,6 +52,37 @@ class MedMNISTDataset(Dataset):
         return list(zip(normalize(self.images[idx]).unbind(0), self.labels[idx].unbind(0)))
 
 
+def _mix(seed: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed for one (seed, epoch, stream) triple."""
+    return (int(seed) * 0x9E3779B1 + int(epoch) * 0x85EBCA77 + stream * 0xC2B2AE3D + 0x5EED) % 2**63
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``, so a run resumed at an epoch boundary
+    replays the uninterrupted run's order. Lightning calls :meth:`set_epoch` before every epoch; iterated without it,
+    each pass advances the epoch by one. ``loader_generator`` (the DataLoader's) is reseeded per epoch too, which
+    makes the worker seeds (and so their augmentations) a function of the epoch as well."""
+
+    def __init__(self, n: int, seed: int, loader_generator: torch.Generator | None = None) -> None:
+        self.n, self.seed, self.loader_generator = n, seed, loader_generator
+        self.epoch, self._epoch_set = 0, True
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._epoch_set = int(epoch), True
+        if self.loader_generator is not None:
+            self.loader_generator.manual_seed(_mix(self.seed, self.epoch, 1))
+
+    def __iter__(self):
+        if not self._epoch_set:
+            self.set_epoch(self.epoch + 1)
+        self._epoch_set = False
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0)))
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class _Collate:
     """Stack samples into ``(images, labels)``; for training, augment with a seeded generator per worker.
 
@@ -60,8 +91,8 @@ class _Collate:
     epoch); in the main process from ``seed``, once, so successive epochs draw fresh augmentations.
     """
 
-    def __init__(self, augment: BatchAugment | None = None, seed: int = 0) -> None:
-        self.augment, self.seed = augment, seed
+    def __init__(self, augment: BatchAugment | None = None, seed: int = 0, sampler: EpochShuffle | None = None) -> None:
+        self.augment, self.seed, self.sampler = augment, seed, sampler
         self._generator: torch.Generator | None = None
         self._key: tuple | None = None
 
@@ -70,9 +101,10 @@ class _Collate:
 
     def generator(self) -> torch.Generator:
         info = get_worker_info()
-        key = ("worker", info.id, info.seed) if info is not None else ("main",)
+        epoch = self.sampler.epoch if self.sampler is not None else 0
+        key = ("worker", info.id, info.seed) if info is not None else ("main", epoch)
         if self._generator is None or key != self._key:
-            seed = info.seed if info is not None else self.seed
+            seed = info.seed if info is not None else _mix(self.seed, epoch, 2)
             self._generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + 0x5EED) % 2**63)
             self._key = key
         return self._generator
@@ -243,11 +275,12 @@ class MedMNISTDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------- dataloaders
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train,
-                          generator=torch.Generator().manual_seed(self.seed) if train else None,
+        generator = torch.Generator().manual_seed(_mix(self.seed, 0, 1)) if train else None
+        sampler = EpochShuffle(len(dataset), self.seed, generator) if train else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=self.pin_memory,
-                          collate_fn=_Collate(self.augment if train else None, self.seed))
+                          collate_fn=_Collate(self.augment if train else None, self.seed, sampler))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training batches, augmented when rot90/flip/crop_padding are set."""

@@ -86,24 +86,29 @@ def _block_basis(in_type: FieldTypeRecipe, rep_in: ReprRecipe, rep_out: ReprReci
     """Sample escnn's steerable basis for one representation pair; returns (basis, per-element info) or None."""
     key = (in_type.sg_id, rep_in, rep_out, kernel_size, dilation, kwargs)
     if key not in _BLOCK_CACHE:
-        single_in = FieldTypeRecipe(in_type.sg_id, in_type.maximum_frequency, (rep_in,)).build()
-        single_out = FieldTypeRecipe(in_type.sg_id, in_type.maximum_frequency, (rep_out,)).build()
-        conv = enn.R2Conv(single_in, single_out, kernel_size, dilation=dilation, bias=False, initialize=False,
-                          **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs})
-        expansion = conv.basisexpansion
-        if expansion.dimension() == 0:
-            _BLOCK_CACHE[key] = None
-        else:
-            (pair,) = expansion._representations_pairs
-            block = getattr(expansion, f"block_expansion_{expansion._escape_pair(pair)}")
-            sampled = block.sampled_basis.detach().to(torch.float64)  # (d, o, i, k*k)
-            info = [(tuple(a["in_irrep"]), a["out_irrep_idx"]) for a in block.get_basis_info()]
-            symmetries = grid_symmetries(sampled, single_in, single_out, kernel_size)
-            if symmetries:  # escnn samples in float32: make the grid symmetries exact (a Reynolds average)
-                sampled = torch.stack([sampled[:, p_o][:, :, p_i][:, :, :, torch.as_tensor(k_map)]
-                                       for p_o, p_i, k_map, _ in symmetries]).mean(0)
-            _BLOCK_CACHE[key] = (sampled.reshape(*sampled.shape[:3], kernel_size, kernel_size), info, symmetries)
+        with torch.inference_mode(False):  # cached for every later use, so never an inference tensor
+            _BLOCK_CACHE[key] = _sample_block(in_type, rep_in, rep_out, kernel_size, dilation, kwargs)
     return _BLOCK_CACHE[key]
+
+
+def _sample_block(in_type: FieldTypeRecipe, rep_in: ReprRecipe, rep_out: ReprRecipe, kernel_size, dilation, kwargs):
+    """Sample one block of escnn's basis (see :func:`_block_basis`)."""
+    single_in = FieldTypeRecipe(in_type.sg_id, in_type.maximum_frequency, (rep_in,)).build()
+    single_out = FieldTypeRecipe(in_type.sg_id, in_type.maximum_frequency, (rep_out,)).build()
+    conv = enn.R2Conv(single_in, single_out, kernel_size, dilation=dilation, bias=False, initialize=False,
+                      **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs})
+    expansion = conv.basisexpansion
+    if expansion.dimension() == 0:
+        return None
+    (pair,) = expansion._representations_pairs
+    block = getattr(expansion, f"block_expansion_{expansion._escape_pair(pair)}")
+    sampled = block.sampled_basis.detach().to(torch.float64)  # (d, o, i, k*k)
+    info = [(tuple(a["in_irrep"]), a["out_irrep_idx"]) for a in block.get_basis_info()]
+    symmetries = grid_symmetries(sampled, single_in, single_out, kernel_size)
+    if symmetries:  # escnn samples in float32: make the grid symmetries exact (a Reynolds average)
+        sampled = torch.stack([sampled[:, p_o][:, :, p_i][:, :, :, torch.as_tensor(k_map)]
+                               for p_o, p_i, k_map, _ in symmetries]).mean(0)
+    return sampled.reshape(*sampled.shape[:3], kernel_size, kernel_size), info, symmetries
 
 
 def _permutation(matrix) -> np.ndarray | None:
@@ -202,16 +207,20 @@ class ConvBasis:
         """The bases (as (d, o*i*k*k) matrices), index orders and bias expansion on a device/dtype (memoised)."""
         key = (torch.device(device), dtype)
         if key not in self._device_cache:
-            to = dict(device=device, dtype=dtype)
-            self._device_cache[key] = {
-                "bases": [b.basis.reshape(b.dim, -1).to(**to) for b in self.blocks],
-                "in_inverse": None if self._in_inverse is None else self._in_inverse.to(device),
-                "out_inverse": None if self._out_inverse is None else self._out_inverse.to(device),
-                "in_order": None if self._in_order is None else self._in_order.to(device),
-                "out_order": None if self._out_order is None else self._out_order.to(device),
-                "bias": None if self._bias_expansion is None else self._bias_expansion.to(**to),
-            }
+            with torch.inference_mode(False):  # memoised for training too: never an inference tensor
+                self._device_cache[key] = self._tensors(device, dtype)
         return self._device_cache[key]
+
+    def _tensors(self, device: torch.device, dtype: torch.dtype) -> dict:
+        to = dict(device=device, dtype=dtype)
+        return {
+            "bases": [b.basis.reshape(b.dim, -1).to(**to) for b in self.blocks],
+            "in_inverse": None if self._in_inverse is None else self._in_inverse.to(device),
+            "out_inverse": None if self._out_inverse is None else self._out_inverse.to(device),
+            "in_order": None if self._in_order is None else self._in_order.to(device),
+            "out_order": None if self._out_order is None else self._out_order.to(device),
+            "bias": None if self._bias_expansion is None else self._bias_expansion.to(**to),
+        }
 
     def expand(self, weight: torch.Tensor) -> torch.Tensor:
         """Coefficients ``(dim,)`` -> filter ``(out_size, in_size, k, k)``."""
@@ -325,5 +334,6 @@ def conv_basis(in_type: FieldTypeRecipe, out_type: FieldTypeRecipe, kernel_size:
                           if v is not None))
     key = (in_type, out_type, int(kernel_size), int(dilation), kwargs)
     if key not in _CONV_CACHE:
-        _CONV_CACHE[key] = ConvBasis(in_type, out_type, int(kernel_size), int(dilation), kwargs)
+        with torch.inference_mode(False):  # shared by every later layer, so never an inference tensor
+            _CONV_CACHE[key] = ConvBasis(in_type, out_type, int(kernel_size), int(dilation), kwargs)
     return _CONV_CACHE[key]

@@ -205,3 +205,19 @@ def test_clear_errors():
         EquivariantConv2d(field_type("C8", "regular"), field_type("C8", "regular"), 3)(torch.zeros(1, 3, 5, 5))
     with pytest.raises(ValueError, match="unknown activation"):
         PointwiseNonlinearity(field_type("C4", "regular"), "swishy")
+
+
+def test_a_basis_first_used_under_inference_mode_still_trains(monkeypatch):
+    """Trainer.test/validate run under torch.inference_mode(); the shared basis caches built there must not hold
+    inference tensors, or every later training forward of a layer with that basis fails in autograd."""
+    import eqlightning.nn.basis as basis_module
+    from eqlightning.nn import EquivariantConv2d, field_type
+
+    monkeypatch.setattr(basis_module, "_CONV_CACHE", {})
+    monkeypatch.setattr(basis_module, "_BLOCK_CACHE", {})
+    conv = EquivariantConv2d(field_type("D4", "trivial", 1), field_type("D4", "regular", 2), kernel_size=3)
+    with torch.inference_mode():  # the first use of this basis, as in a `validate` before `fit`
+        conv.eval()(torch.randn(1, 1, 9, 9))
+    twin = EquivariantConv2d(field_type("D4", "trivial", 1), field_type("D4", "regular", 2), kernel_size=3)
+    twin.train()(torch.randn(2, 1, 9, 9)).square().sum().backward()
+    assert twin.weight.grad is not None and torch.isfinite(twin.weight.grad).all()
