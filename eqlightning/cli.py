@@ -137,6 +137,8 @@ class EqLightningCLI(LightningCLI):
             trainer.callbacks.append(RunSummary(run.path, config=resolved, config_hash=config_hash(resolved)))
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter(run.path / "predictions.csv"))
+        if self.subcommand in ("fit", "test"):
+            _add_symmetry_diagnostic(trainer)
         return trainer
 
     def _default_loggers(self, run: RunDirectory) -> list:
@@ -222,6 +224,16 @@ class EqLightningCLI(LightningCLI):
             return f"predictions: {writer.written} ({writer.rows} rows)"
         summary = run / "summary.json"
         return f"run directory: {run}" + (f" (summary: {summary})" if summary.is_file() else "")
+
+
+def _add_symmetry_diagnostic(trainer) -> None:
+    """Every test reports ``test/invariance_error`` (the logits' change under the model group's generators; for
+    plain backbones under rot90 and the flip): one extra forward per generator. A configured ``Robustness`` callback
+    (e.g. configs/evaluation/robustness.yaml) does this itself."""
+    from .evaluation import Robustness
+
+    if not any(isinstance(c, Robustness) for c in trainer.callbacks):
+        trainer.callbacks.append(Robustness(rotations=[], flips=False, attacks=None, symmetry=True))
 
 
 def _plain(config) -> dict[str, Any]:

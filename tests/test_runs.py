@@ -257,6 +257,7 @@ def test_summary_curves_and_hparams_of_a_private_run(tmp_path):
     assert privacy["steps"] == dp.ledger.steps > 0 and privacy["noise_multiplier"] == dp.noise_multiplier
     assert privacy["delta"] == pytest.approx(0.1 / 546) and privacy["accountant"] == "prv"
     assert summary["metrics"]["test"]["test/auc"] == pytest.approx(cli.trainer.callback_metrics["test/auc"].item())
+    assert summary["metrics"]["test"]["test/invariance_error"] < 1e-4  # the per-run symmetry diagnostic (D4)
     assert summary["checkpoints"]["test"] == summary["checkpoints"]["best"] == str(run_dir / "checkpoints/best.ckpt")
     assert summary["model"]["parameters"] == sum(p.numel() for p in cli.model.parameters())
     assert summary["model"]["flops"] > 0 and summary["model"]["group"] == "D4"
