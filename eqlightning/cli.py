@@ -174,7 +174,7 @@ class EqLightningCLI(LightningCLI):
 
     def _before_evaluation(self, command: str) -> None:
         self._log_settings()
-        if not self._ckpt and not getattr(self.model, "init_from", None):
+        if not self._ckpt:  # (init_from loads at fit only: an evaluation without a checkpoint is random weights)
             rank_zero_warn(f"`{command}` without --ckpt_path evaluates freshly initialised (random) weights; pass "
                            f"--ckpt_path <run>/checkpoints/best.ckpt (or `last`)")
         summary = self._summary()

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -64,7 +65,8 @@ class RunSummary(Callback):
     # -- hooks -----------------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._started = time.perf_counter()
-        self._model = _model_info(pl_module)  # FLOPs counted before a DP engine hooks the layers
+        if self._model is None:  # once per module (fit, then test_after_fit, share it); before a DP engine hooks it
+            self._model = _model_info(pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._model is not None:  # after the module's own setup (which may freeze stages for transfer)
@@ -179,9 +181,9 @@ def _stop_reason(trainer: Trainer) -> str:
     for callback in trainer.callbacks:
         if getattr(callback, "reports_privacy", False) and getattr(callback, "budget_reached", False):
             return "privacy budget"
-        if type(callback).__name__ == "EarlyStopping" and getattr(callback, "stopped_epoch", 0):
+        if isinstance(callback, EarlyStopping) and callback.stopped_epoch:
             return "early stopping"
-        if type(callback).__name__ == "Timer" and (callback.time_remaining() or 1) <= 0:
+        if isinstance(callback, Timer) and (callback.time_remaining() or 1) <= 0:
             return "max_time"
     if trainer.fast_dev_run:
         return "fast_dev_run"
