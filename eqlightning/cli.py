@@ -310,6 +310,10 @@ def main(args: list[str] | None = None) -> int:
         from .listing import list_command
 
         return list_command(given[1:])
+    if given[:1] == ["study"]:
+        from .studies.cli import main as study_main
+
+        return study_main(given[1:])
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     created: list[RunDirectory] = []
 

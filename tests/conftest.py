@@ -25,3 +25,19 @@ def medmnist_root() -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster (tests/slurm_cluster.py: LocalSlurm), started once per session and stopped at
+    its end; SLURM_CONF points at it meanwhile. Installs Debian's slurm-wlm when missing and root; otherwise skips,
+    or fails when EQL_REQUIRE_SLURM=1 (CI)."""
+    import slurm_cluster as local_slurm  # tests/ is on sys.path (rootdir conftest, no __init__.py)
+
+    reason = local_slurm.ensure_slurm_installed()
+    if reason is not None:
+        if os.environ.get("EQL_REQUIRE_SLURM") == "1":
+            pytest.fail(f"EQL_REQUIRE_SLURM=1 but no SLURM: {reason}", pytrace=False)
+        pytest.skip(reason)
+    with local_slurm.LocalSlurm() as cluster:
+        yield cluster

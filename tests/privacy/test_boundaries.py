@@ -17,13 +17,13 @@ from eqlightning.privacy import _lightning
 PACKAGE = Path(__file__).resolve().parents[2] / "eqlightning"
 
 
-def test_importing_eqlightning_and_training_does_not_import_opacus():
+def test_importing_eqlightning_and_training_does_not_import_opacus_or_optuna():
     code = ("import sys, eqlightning, eqlightning.cli, eqlightning.models, eqlightning.nn, eqlightning.data; "
             "m = eqlightning.ImageClassifier('eq_resnet8', {'group': 'C4', 'width_multiplier': 0.5}, num_classes=2); "
-            "print('opacus' in sys.modules)")
+            "print('opacus' in sys.modules, 'optuna' in sys.modules, 'submitit' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert done.stdout.strip().splitlines()[-1] == "False False False"  # nor the study machinery
 
 
 def imported_modules(path: Path) -> set[str]:

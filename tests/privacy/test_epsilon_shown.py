@@ -92,7 +92,8 @@ def test_a_run_that_matches_the_plan_is_not_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*(LeafSpec|Optimal order|num_workers|does not have many workers"
-                                                  "|GPU available).*")
+                                                  "|GPU available"
+                                                  "|The `srun` command is available).*")  # a machine with SLURM
         trainer(tmp_path, [DifferentialPrivacy(target_epsilon=3.0, accountant="rdp")]).fit(ForeignNet())
 
 
