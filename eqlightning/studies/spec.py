@@ -56,7 +56,7 @@ EPSILON = "epsilon"
 _PRIVACY_PREFIX = "privacy."
 _DP_CLASS = "DifferentialPrivacy"
 #: Keys whose value is itself a mapping (anything else given a mapping is a bundle of overrides).
-_MAPPING_KEYS = {"model.backbone_kwargs", "model.optimizer", "model.lr_scheduler", "model.optimizer.init_args",
+MAPPING_KEYS = {"model.backbone_kwargs", "model.optimizer", "model.lr_scheduler", "model.optimizer.init_args",
                  "model.lr_scheduler.init_args"}
 #: Keys that say which model and data a variant is (checked against study-wide overrides, see _check_identity).
 _IDENTITY_KEYS = ("model.backbone", "data.flag")
@@ -327,7 +327,7 @@ def _merge(into: dict, other: dict, path: str = "") -> None:
 
 def apply_override(config: dict[str, Any], key: str, value: Any) -> None:
     """Set a dotted ``key`` (or one of ``ALIASES``) in ``config``; ``epsilon``/``privacy.*`` edit the DP callback."""
-    if isinstance(value, dict) and key not in _MAPPING_KEYS:  # a bundle: one grid value setting several keys
+    if isinstance(value, dict) and key not in MAPPING_KEYS:  # a bundle: one grid value setting several keys
         for inner, inner_value in value.items():
             apply_override(config, inner, inner_value)
         return

@@ -32,7 +32,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from .spec import PlannedRun, StudySpec
+from .spec import ALIASES, MAPPING_KEYS, PlannedRun, StudySpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats and their retry callback are marked experimental since Optuna 2.8 (and stable in use since): say so once,
@@ -40,6 +40,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=r"(optuna|eqlightning)\.")
 warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
 
+_MAX_DUPLICATES = 20  # repeated suggestions after which a search space counts as exhausted
 _STATE = {TrialState.WAITING: "waiting", TrialState.RUNNING: "running", TrialState.COMPLETE: "complete",
           TrialState.FAIL: "failed", TrialState.PRUNED: "failed"}
 
@@ -89,7 +90,9 @@ class StudyStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def trials(self, variant: str) -> list[FrozenTrial]:
-        return [t for t in self.study(variant).get_trials(deepcopy=False) if "key" in t.user_attrs]
+        """The attempts at runs of ``variant`` (not a search's repeated suggestions)."""
+        return [t for t in self.study(variant).get_trials(deepcopy=False)
+                if "key" in t.user_attrs and not t.user_attrs.get("duplicate")]
 
     def latest(self, variant: str) -> dict[str, FrozenTrial]:
         """The newest trial of each key of ``variant``."""
@@ -163,11 +166,19 @@ class StudyStore:
                     study.tell(trial, state=TrialState.FAIL)
                     return None, True
             elif self._search_room(variant.name):
+                # A sampler seeded afresh from the trial count: workers in other processes never repeat each
+                # other's suggestions, and a rerun of the same search suggests the same values.
+                known = self.latest(variant.name)
+                study.sampler = _sampler(self.spec, offset=len(study.get_trials(deepcopy=False)))
                 trial = study.ask()
                 run = self.spec.run(variant, {name: _suggest(trial, name, dist)
                                               for name, dist in self.spec.search.space.items()})
                 for name, value in _attrs(run).items():
                     trial.set_user_attr(name, value)
+                if run.key in known:  # the sampler repeated a recipe (a small space): not a new run
+                    trial.set_user_attr("duplicate", True)
+                    study.tell(trial, state=TrialState.PRUNED)
+                    return None, True
             else:
                 continue
             return (variant.name, study, trial, run), False
@@ -184,8 +195,13 @@ class StudyStore:
         return [variant for *_, variant in sorted(ranked, key=lambda item: item[:2])]
 
     def _search_room(self, variant: str) -> bool:
+        """A search samples until it has n_trials distinct runs, or its space looks exhausted (_MAX_DUPLICATES
+        repeated suggestions)."""
         search = self.spec.search
-        return search is not None and len(self.latest(variant)) < int(search.n_trials)
+        if search is None or len(self.latest(variant)) >= int(search.n_trials):
+            return False
+        repeats = sum(bool(t.user_attrs.get("duplicate")) for t in self.study(variant).get_trials(deepcopy=False))
+        return repeats < _MAX_DUPLICATES
 
     def beat(self, study: optuna.Study, number: int) -> None:
         study_id = self.storage.get_study_id_from_name(study.study_name)
@@ -237,8 +253,8 @@ class StudyStore:
         for row in self.rows():
             counts[row["state"]] += 1
         if self.spec.search is not None:  # runs a search has yet to sample count as waiting
-            counts["waiting"] += sum(max(0, int(self.spec.search.n_trials) - len(self.latest(v.name)))
-                                     for v in self.spec.variants)
+            counts["waiting"] += sum(int(self.spec.search.n_trials) - len(self.latest(v.name))
+                                     for v in self.spec.variants if self._search_room(v.name))
         counts["total"] = sum(counts.values())
         return counts
 
@@ -282,11 +298,11 @@ def _suggest(trial: Trial, name: str, dist: dict[str, Any]) -> Any:
                                step=dist.get("step"))
 
 
-def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler | None:
+def _sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler | None:
     search = spec.search
     if search is None:
         return None
-    seed = int(search.seed)
+    seed = int(search.seed) + offset
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if search.sampler == "nsga2":
@@ -299,9 +315,21 @@ def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler | None:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, int(search.n_trials) // 3)))
 
 
+def flat_axes(axes: dict[str, Any]) -> dict[str, Any]:
+    """Axes as the report reads them: a bundle (a mapping value setting several keys) becomes its keys, and short
+    names their full config keys (``{data: {dataset: x, epochs: 4}}`` -> ``{data.flag: x, trainer.max_epochs: 4}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in axes.items():
+        if isinstance(value, dict) and key not in MAPPING_KEYS:
+            flat.update(flat_axes(value))
+        else:
+            flat[key if key == "seed" else ALIASES.get(key, key)] = value
+    return flat
+
+
 def _row(variant: str, family: str | None, trial: FrozenTrial) -> dict[str, Any]:
     result = trial.user_attrs.get("result") or {}
-    axes = _axes(trial.user_attrs)
+    axes = flat_axes(_axes(trial.user_attrs))
     state = _STATE.get(trial.state, "failed")
     error = trial.user_attrs.get("error")
     if trial.state == TrialState.FAIL and not error:

@@ -66,11 +66,18 @@ def run_claim(spec: StudySpec, store: StudyStore, claim: Claim, stop: "_StopFlag
     """Run (or resume, or just record) one claimed run; returns ``complete``, ``failed`` or ``interrupted``."""
     run_dir = run_dir_of(spec, claim)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".study.lock", "a") as lock:
-        # A worker declared dead by mistake (a heartbeat starved for `grace` seconds) still holds this lock: wait for
-        # its run to end instead of training the same run directory twice; then its result is simply recorded.
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _run_locked(spec, store, claim, stop, run_dir)
+    beating = threading.Event()
+    beat = threading.Thread(target=_beat, args=(store, claim, beating, spec.heartbeat["interval"]), daemon=True)
+    beat.start()  # from the start: waiting for the lock below is not being dead
+    try:
+        with open(run_dir / ".study.lock", "a") as lock:
+            # A worker declared dead by mistake (a heartbeat starved for `grace` seconds) still holds this lock:
+            # wait for its run to end instead of training the same run directory twice; then record its result.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _run_locked(spec, store, claim, stop, run_dir)
+    finally:
+        beating.set()
+        beat.join()
 
 
 def _run_locked(spec: StudySpec, store: StudyStore, claim: Claim, stop: "_StopFlag", run_dir: Path) -> str:
@@ -98,14 +105,9 @@ def _run_locked(spec: StudySpec, store: StudyStore, claim: Claim, stop: "_StopFl
         out.flush()
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         stop.child = process
-        beating = threading.Event()
-        beat = threading.Thread(target=_beat, args=(store, claim, beating, spec.heartbeat["interval"]), daemon=True)
-        beat.start()
         try:
             code = process.wait()
         finally:
-            beating.set()
-            beat.join()
             stop.child = None
     if code == 0 and (summary := _finished_summary(run_dir)):
         store.complete(claim, summarize_run(summary, metric))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 import time
@@ -44,10 +45,18 @@ def wait_for(condition, timeout: float, what: str):
 
 
 def mid_run(store: StudyStore, exclude=()):
-    """A running run with a saved epoch (last.ckpt) that is not in ``exclude``."""
+    """A running run not in ``exclude`` with a saved epoch (last.ckpt) and at least half its epochs still to go (so
+    that a kill now lands before it ends)."""
     for row in store.rows():
-        last = store.spec.runs_root / row["variant"] / row["key"] / "checkpoints" / "last.ckpt"
-        if row["state"] == "running" and row["key"] not in exclude and last.is_file():
+        run = store.spec.runs_root / row["variant"] / row["key"]
+        if row["state"] != "running" or row["key"] in exclude or not (run / "checkpoints" / "last.ckpt").is_file():
+            continue
+        try:
+            with open(run / "metrics.csv", newline="") as file:
+                epochs = [int(r["epoch"]) for r in csv.DictReader(file) if r.get("epoch")]
+        except (OSError, ValueError, KeyError):
+            continue
+        if epochs and max(epochs) < TINY["epochs"] // 2:
             return row
     return None
 
@@ -68,7 +77,7 @@ def assert_complete_once(store: StudyStore, resumed: set[str]) -> dict:
         log = (store.spec.directory / "logs" / "eq" / f"{row['key']}.log").read_text()
         starts = [line for line in log.splitlines() if line.startswith("=== ")]
         if row["key"] in resumed:  # resumed from last.ckpt, in the same run directory
-            assert len(starts) >= 2 and "--ckpt_path" in starts[-1], log[-3000:]
+            assert len(starts) >= 2 and all("--ckpt_path" in start for start in starts[1:]), log[-3000:]
         else:
             assert len(starts) == 1, f"run {row['key']} started {len(starts)} times"  # nothing run twice
     return rows

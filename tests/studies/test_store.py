@@ -159,3 +159,34 @@ def test_waiting_runs_of_an_older_plan_are_dropped_not_run(tmp_path):
     taken = [claim.key for claim in iter(lambda: store.take("w"), None)]
     assert sorted(taken) == sorted(keys)  # the 12 old waiting trials were dropped on the way
     assert store.counts()["total"] == 12
+
+
+def test_rows_flatten_bundles_and_short_names_for_the_report():
+    from eqlightning.studies.store import flat_axes
+
+    assert flat_axes({"data": {"dataset": "retinamnist", "epochs": 15}, "width": 0.5, "seed": 2,
+                      "model.backbone_kwargs": {"group": "C4"}}) == {
+        "data.flag": "retinamnist", "trainer.max_epochs": 15, "model.backbone_kwargs.width_multiplier": 0.5,
+        "seed": 2, "model.backbone_kwargs": {"group": "C4"}}
+
+
+def test_search_workers_in_other_processes_never_sample_the_same_recipe(tmp_path):
+    space = {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}
+    spec = _spec(tmp_path, search={"n_trials": 4, "sampler": "tpe", "space": space}, grid={}, seeds=None)
+    spec.variants = spec.variants[:1]
+    first, second = StudyStore(spec), StudyStore(spec)  # two workers: same seed, separate sampler objects
+    claims = [first.take("a"), second.take("b"), first.take("a"), second.take("b")]
+    assert len({c.key for c in claims}) == 4 and first.take("a") is None
+
+
+def test_a_search_space_smaller_than_n_trials_ends_when_exhausted(tmp_path):
+    spec = _spec(tmp_path, search={"n_trials": 5, "sampler": "random", "space": {"epochs": {"choices": [1, 2]}}},
+                 grid={}, seeds=None)
+    spec.variants = spec.variants[:1]
+    store = StudyStore(spec)
+    claims = [c for c in iter(lambda: store.take("w"), None)]
+    assert sorted(c.run.config["trainer"]["max_epochs"] for c in claims) == [1, 2]
+    for claim in claims:
+        store.complete(claim, _result())
+    assert store.counts() == {"complete": 2, "running": 0, "waiting": 0, "failed": 0, "total": 2}
+    assert all(r["state"] == "complete" for r in store.rows())  # repeated suggestions are not runs
