@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from .spec import StudySpec, load_spec
 from .store import StudyStore
-from .worker import EXIT_INTERRUPTED, _die_with_parent
+from .worker import EXIT_INTERRUPTED, die_with_parent
 
 
 def run_study(config: str | Path, root: str | Path | None = None, workers: int | None = None,
@@ -169,7 +169,7 @@ class _LocalPool(_Pool):
                    "--root", str(spec.directory.parent)]
             self.processes.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                    start_new_session=detach,
-                                                   preexec_fn=None if detach else _die_with_parent))
+                                                   preexec_fn=None if detach else die_with_parent))
             log.close()
 
     def alive(self) -> bool:

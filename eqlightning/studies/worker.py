@@ -103,7 +103,7 @@ def _run_locked(spec: StudySpec, store: StudyStore, claim: Claim, stop: "_StopFl
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} trial {claim.trial.number} on "
                   f"{socket.gethostname()}:{os.getpid()}: {' '.join(cmd)}\n")
         out.flush()
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
         stop.child = process
         try:
             code = process.wait()
@@ -155,7 +155,7 @@ def _last_error(log: Path) -> str:
     return lines[-1][:500] if lines else "no output"
 
 
-def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
+def die_with_parent() -> None:  # pragma: no cover (runs in the child)
     """Linux: the run gets SIGTERM (saves last.ckpt and stops) when its worker dies, even by kill -9."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
