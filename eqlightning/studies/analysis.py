@@ -68,8 +68,10 @@ def error_of(row: dict) -> float:
 
 
 def config_axes(row: dict) -> dict[str, Any]:
-    """The row's axes without the seed: what identifies its configuration across seeds."""
-    return {k: v for k, v in (row.get("axes") or {}).items() if axis_kind(k) != "seed"}
+    """The row's axes without the seed: what identifies its configuration across seeds. A list or mapping value (a
+    searched architecture's per-stage groups, say) is given as its JSON text, so configurations can be grouped."""
+    return {k: (json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v)
+            for k, v in (row.get("axes") or {}).items() if axis_kind(k) != "seed"}
 
 
 def config_id(row: dict) -> str:

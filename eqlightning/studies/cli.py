@@ -11,18 +11,19 @@ import yaml
 
 from .spec import StudyConfigError, load_spec
 
-_USAGE = "eqlightning study {run,status,report,work} configs/studies/<name>.yaml [options]"
+_USAGE = "eqlightning study {run,status,report,work,export} configs/studies/<name>.yaml [options]"
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="eqlightning study", description="Many runs from one config: a grid of "
                                      "variants/axes/seeds or a recipe search, resumable, on local workers or SLURM.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,status,report,work}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,status,report,work,export}")
     run = commands.add_parser("run", help="plan the study and run what is left (resumes; never reruns a finished run)")
     status = commands.add_parser("status", help="runs done/running/failed/left, failures with their errors")
     report = commands.add_parser("report", help="fits, plots and a Markdown report from the store")
     work = commands.add_parser("work", help="one worker: take runs from the store until none is left")
-    for command in (run, status, report, work):
+    export = commands.add_parser("export", help="write a search trial's resolved fit config (e.g. under configs/)")
+    for command in (run, status, report, work, export):
         command.add_argument("config", help="a study config (configs/studies/*.yaml)")
         command.add_argument("--root", default=None, help="folder holding <name>/ (default: the config's root, "
                              "else ./studies)")
@@ -33,6 +34,13 @@ def main(argv: list[str]) -> int:
     run.add_argument("--no-wait", action="store_true", help="start the workers and return")
     run.add_argument("--poll", type=float, default=5.0, help="seconds between progress updates")
     report.add_argument("--out", default=None, help="output folder (default: <study>/report)")
+    report.add_argument("--reference", action="append", default=[], metavar="STUDY_CONFIG",
+                        help="another study whose runs (seeds averaged per variant) are drawn next to a search's "
+                        "Pareto front; repeatable")
+    export.add_argument("--trial", type=int, required=True, help="the trial number (the report's #N)")
+    export.add_argument("--variant", default=None, help="the variant, when several have a trial N")
+    export.add_argument("--out", required=True, help="the fit config to write, e.g. configs/eq_nasnet/found.yaml")
+    export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     work.add_argument("--poll", type=float, default=2.0)
     try:
         args = parser.parse_args(argv)
@@ -47,12 +55,14 @@ def main(argv: list[str]) -> int:
         if args.command == "status":
             return status_command(args.config, args.root)
         if args.command == "report":
-            return report_command(args.config, args.root, args.out)
+            return report_command(args.config, args.root, args.out, args.reference)
+        if args.command == "export":
+            return export_command(args.config, args.root, args.trial, args.out, args.variant, args.force)
         from .worker import work as work_loop
 
         work_loop(args.config, args.root, poll=args.poll)
         return 0
-    except (StudyConfigError, FileNotFoundError, ValueError) as error:
+    except (StudyConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"eqlightning study: error: {error}", file=sys.stderr)
         return 2
 
@@ -85,28 +95,63 @@ def _axes(row: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in row["axes"].items())
 
 
-def report_command(config: str, root: str | None = None, out_dir: str | None = None) -> int:
+def report_command(config: str, root: str | None = None, out_dir: str | None = None,
+                   reference_configs: list[str] | None = None) -> int:
     from .report import write_report
     from .store import StudyStore
 
     spec = load_spec(config, root)
     store = StudyStore(spec)
     rows = store.rows()
+    search = spec.search
     selection = spec.selection
-    if spec.search is not None and not selection:
-        selection = (f"recipes selected on {spec.search.metric} ({spec.search.direction}) by a "
-                     f"{spec.search.n_trials}-trial {spec.search.sampler} search per variant")
+    if search is not None and not selection:
+        selection = (f"{'architectures' if search.multi_objective else 'recipes'} selected on {search.describe()} "
+                     f"by a {search.n_trials}-trial {search.sampler} search per variant")
+    references, note = [], None
+    if reference_configs:
+        if search is None or not search.multi_objective:
+            raise ValueError("--reference draws other runs next to a multi-objective search's Pareto front; "
+                             f"{spec.path.name} has no such search")
+        from .front import reference_points
+
+        for other in reference_configs:
+            other_spec = load_spec(other, root)
+            references += reference_points(StudyStore(other_spec).rows(), search.objectives)
+        note = "runs of study " + ", ".join(Path(c).name for c in reference_configs)
     started = time.monotonic()
     out = Path(out_dir) if out_dir else spec.directory / "report"
     path = write_report(rows, out, title=f"Study {spec.name}", study_config_text=spec.path.read_text(),
-                        selection=selection)
+                        selection=selection, objectives=search.objectives if search else None,
+                        references=references, reference_note=note)
     print(f"report: {path} ({len(rows)} runs, {time.monotonic() - started:.1f} s)")
-    if spec.search is not None:
+    if search is not None and search.multi_objective:
+        from .front import front_yaml
+
+        (out / "pareto.yaml").write_text(f"# the Pareto front in {search.describe()}; export a trial with "
+                                         f"`eqlightning study export {config} --trial N --out <config>`\n"
+                                         + yaml.safe_dump(front_yaml(rows, search.objectives), sort_keys=False))
+        print(f"Pareto front: {out / 'pareto.yaml'}")
+    if search is not None:
         best = best_recipes(rows, spec.search.direction)
         (out / "best_recipes.yaml").write_text(
             f"# best trial per variant by {spec.search.metric} ({spec.search.direction}); paste a variant's values "
             f"into a grid study's overrides\n" + yaml.safe_dump(best, sort_keys=False))
         print(f"best recipes: {out / 'best_recipes.yaml'}")
+    return 0
+
+
+def export_command(config: str, root: str | None, trial: int, out: str, variant: str | None = None,
+                   force: bool = False) -> int:
+    from .front import export_trial
+    from .store import StudyStore
+
+    spec = load_spec(config, root)
+    if spec.search is None:
+        raise ValueError(f"{spec.path.name} is a grid study: its run configs are in {spec.directory / 'configs'}; "
+                         "export picks a search's trial")
+    path = export_trial(spec, StudyStore(spec).rows(), trial, out, variant=variant, force=force)
+    print(f"wrote {path}: train it with `python cli.py fit --config {path}`")
     return 0
 
 

@@ -316,7 +316,8 @@ def _dataset_section(dataset: str, drows: list[dict], out_dir: Path, fit_kw: dic
 
 # -- the report --------------------------------------------------------------------------------------------------------
 def write_report(rows: Iterable[dict], out_dir: str | Path, *, title: str, study_config_text: str | None = None,
-                 selection: str | None = None, n_boot: int = 1000, seed: int = 0) -> Path:
+                 selection: str | None = None, n_boot: int = 1000, seed: int = 0, objectives: Sequence | None = None,
+                 references: Sequence[dict] = (), reference_note: str | None = None) -> Path:
     """Write ``report.md``, ``fits.json``, ``results.csv`` and the PNGs into ``out_dir``; return the report's path.
 
     Args:
@@ -326,12 +327,18 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, *, title: str, study
         study_config_text: the study file's text, quoted at the end of the report.
         selection: how the recipes were chosen (e.g. "recipe selected on val/auc by a 20-trial TPE search").
         n_boot, seed: bootstrap samples and seed of every fit's CI (fewer = faster, coarser CIs).
+        objectives: a multi-objective search's objectives: adds the Pareto front section (:mod:`.front`), with
+            ``references`` (:func:`.front.reference_points`, described by ``reference_note``) beside it.
     """
     rows, out_dir = list(rows), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results_csv(rows, out_dir / "results.csv")
     good = usable(rows)
     lines = _header(rows, title, selection)
+    if objectives is not None and len(objectives) > 1:
+        from .front import front_section
+
+        lines += front_section(rows, objectives, out_dir, references=references, reference_note=reference_note)
     fits_json: dict[str, Any] = {"title": title, "n_boot": n_boot, "error": "1 - test/acc", "datasets": {}}
     if not good:
         lines += ["## Results", "", "No complete run with a test ACC yet: nothing to tabulate or fit.", ""]

@@ -17,6 +17,9 @@ A study file (paths are relative to the file)::
       metric: val/auc                # the selection metric (validation only)
       n_trials: 12
       space: {lr: {low: 1.0e-4, high: 1.0e-1, log: true}, epochs: {low: 2, high: 10}}
+      # or several objectives (a Pareto front; sampler nsga2 or tpe), e.g. an architecture search:
+      # objectives: [{metric: val/auc, direction: maximize}, {metric: flops, direction: minimize}]
+      # early_stop: {patience: 5}    # stop a trial whose val metric has not improved for 5 epochs
     workers: 2                       # local worker processes (`--workers` overrides)
     launcher: local                  # or slurm (see `slurm:` for submitit's parameters)
 """
@@ -63,8 +66,12 @@ _IDENTITY_KEYS = ("model.backbone", "data.flag")
 _TOP_KEYS = {"name", "root", "base", "overrides", "grid", "seeds", "variants", "search", "workers", "launcher",
              "slurm", "heartbeat", "store", "description", "selection"}
 _VARIANT_KEYS = {"base", "overrides", "grid", "family", "seeds"}
-_SEARCH_KEYS = {"metric", "direction", "n_trials", "sampler", "space", "seed"}
+_SEARCH_KEYS = {"metric", "direction", "objectives", "n_trials", "sampler", "space", "seed", "population",
+                "early_stop"}
 _SAMPLERS = ("tpe", "random", "nsga2", "grid")
+#: Objectives a search may minimise or maximise besides a validation metric: the model's cost, known from its run.
+COST_OBJECTIVES = ("flops", "parameters", "train_flops")
+_EARLY_STOP_KEYS = {"patience", "min_delta"}
 
 
 class StudyConfigError(ValueError):
@@ -81,6 +88,14 @@ class Variant:
     family: str | None = None
 
 
+@dataclass(frozen=True)
+class Objective:
+    """One thing a search optimises: a validation metric (``val/auc``) or a cost (:data:`COST_OBJECTIVES`)."""
+
+    metric: str
+    direction: str = "maximize"
+
+
 @dataclass
 class Search:
     metric: str = "val/auc"
@@ -89,6 +104,21 @@ class Search:
     sampler: str = "tpe"
     space: dict[str, dict] = field(default_factory=dict)
     seed: int = 0
+    objectives: list[Objective] = field(default_factory=list)  # all of them; the first is metric/direction
+    population: int | None = None  # NSGA-II's population size (Optuna's default: 50)
+    early_stop: dict[str, Any] | None = None  # {patience, min_delta}: Lightning's EarlyStopping on `metric`
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def describe(self) -> str:
+        """``val/auc (maximize), flops (minimize)``."""
+        return ", ".join(f"{o.metric} ({o.direction})" for o in self.objectives)
 
 
 @dataclass
@@ -157,6 +187,8 @@ class StudySpec:
         for key, value in {**variant.overrides, **axes}.items():
             apply_override(config, key, value)
         config["test_after_fit"] = True  # every study run is fit + test, selected on validation only
+        if self.search is not None and self.search.early_stop:
+            _add_early_stopping(config, self.search)
         named = {(k if k == "seed" else ALIASES.get(k, k)): v for k, v in axes.items()}  # full keys in results
         return PlannedRun(variant.name, named, config)
 
@@ -284,22 +316,83 @@ def _search(value, where: str) -> Search | None:
     if value is None:
         return None
     raw = _mapping(value, f"{where}: search")
-    _check_keys(raw, _SEARCH_KEYS, f"{where}: search")
-    search = Search(**{k: raw[k] for k in raw if k != "space"}, space=_mapping(raw.get("space"), f"{where}: search"))
+    where = f"{where}: search"
+    _check_keys(raw, _SEARCH_KEYS, where)
+    objectives = _objectives(raw, where)
+    plain = {k: raw[k] for k in raw if k not in ("space", "objectives", "metric", "direction")}
+    search = Search(**plain, metric=objectives[0].metric, direction=objectives[0].direction, objectives=objectives,
+                    space=_mapping(raw.get("space"), where))
     if search.sampler not in _SAMPLERS:
-        raise StudyConfigError(f"{where}: search.sampler {search.sampler!r} is not known; use one of {_SAMPLERS}")
-    if search.direction not in ("maximize", "minimize"):
-        raise StudyConfigError(f"{where}: search.direction must be maximize or minimize, got {search.direction!r}")
-    if not search.metric.startswith("val/"):
-        raise StudyConfigError(f"{where}: search.metric {search.metric!r}: select recipes on validation (val/...), "
-                               f"never on test")
+        raise StudyConfigError(f"{where}.sampler {search.sampler!r} is not known; use one of {_SAMPLERS}")
     if int(search.n_trials) < 1 or not search.space:
         raise StudyConfigError(f"{where}: a search needs n_trials >= 1 and a non-empty space")
+    if search.population is not None and (search.sampler != "nsga2" or int(search.population) < 2):
+        raise StudyConfigError(f"{where}.population {search.population!r}: a population (>= 2 trials per "
+                               f"generation) is NSGA-II's; set sampler: nsga2 or drop it")
     for key, dist in search.space.items():
-        if not isinstance(dist, dict) or not ({"low", "high"} <= set(dist) or "choices" in dist):
-            raise StudyConfigError(f"{where}: search.space.{key}: give {{low, high[, log, step]}} or {{choices: [...]}}"
-                                   f", got {dist!r}")
+        _check_distribution(dist, f"{where}.space.{key}")
+    if search.early_stop is not None:
+        early = _mapping(search.early_stop, f"{where}.early_stop")
+        _check_keys(early, _EARLY_STOP_KEYS, f"{where}.early_stop")
+        patience = early.get("patience")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise StudyConfigError(f"{where}.early_stop.patience must be an int >= 1 (validation epochs without "
+                                   f"improvement), got {patience!r}")
+        search.early_stop = early
     return search
+
+
+def _objectives(raw: dict, where: str) -> list[Objective]:
+    """``objectives: [{metric, direction}, ...]``, or the single ``metric`` / ``direction``."""
+    if "objectives" in raw:
+        if "metric" in raw or "direction" in raw:
+            raise StudyConfigError(f"{where}: give either metric/direction or objectives, not both")
+        items = raw["objectives"]
+        if not isinstance(items, list) or not items:
+            raise StudyConfigError(f"{where}.objectives: a non-empty list of {{metric, direction}}, got {items!r}")
+    else:
+        items = [{"metric": raw.get("metric", "val/auc"), "direction": raw.get("direction", "maximize")}]
+    objectives = []
+    for index, item in enumerate(items):
+        here = f"{where}.objectives[{index}]" if "objectives" in raw else where
+        if not isinstance(item, dict) or "metric" not in item or set(item) - {"metric", "direction"}:
+            raise StudyConfigError(f"{here}: an objective is {{metric: val/auc, direction: maximize}}, got {item!r}")
+        objective = Objective(str(item["metric"]), str(item.get("direction", "maximize")))
+        if objective.direction not in ("maximize", "minimize"):
+            raise StudyConfigError(f"{here}: direction must be maximize or minimize, got {objective.direction!r}")
+        if not objective.metric.startswith("val/") and objective.metric not in COST_OBJECTIVES:
+            raise StudyConfigError(f"{here}: metric {objective.metric!r}: select on validation (val/...), never on "
+                                   f"test, or on a cost ({', '.join(COST_OBJECTIVES)})")
+        objectives.append(objective)
+    if not objectives[0].metric.startswith("val/"):
+        raise StudyConfigError(f"{where}: the first objective is the selection metric and must be a validation "
+                               f"metric (val/...), got {objectives[0].metric!r}; list the costs after it")
+    if len({o.metric for o in objectives}) != len(objectives):
+        raise StudyConfigError(f"{where}.objectives: a metric is listed twice")
+    return objectives
+
+
+def _check_distribution(dist: Any, where: str) -> None:
+    """``{low, high[, log, step]}``, ``{choices: [...]}`` or named choices ``{choices: {label: value, ...}}``."""
+    if not isinstance(dist, dict) or not ({"low", "high"} <= set(dist) or "choices" in dist):
+        raise StudyConfigError(f"{where}: give {{low, high[, log, step]}} or {{choices: [...]}}, got {dist!r}")
+    choices = dist.get("choices")
+    if "choices" in dist and (not isinstance(choices, (list, dict)) or not choices):
+        raise StudyConfigError(f"{where}.choices: a non-empty list, or a mapping of labels to values, got {choices!r}")
+    if isinstance(choices, list) and not all(c is None or isinstance(c, (bool, int, float, str)) for c in choices):
+        raise StudyConfigError(f"{where}.choices: list choices are numbers or strings; for lists or mappings "
+                               f"give them labels: {{choices: {{label: value, ...}}}}")
+
+
+def _add_early_stopping(config: dict, search: Search) -> None:
+    """Lightning's EarlyStopping on the selection metric: a trial stops once ``patience`` validations in a row did
+    not improve it (its objective is its best validation value, so the epochs cut could only have raised it later)."""
+    callbacks = config.setdefault("trainer", {}).setdefault("callbacks", []) or []
+    callbacks.append({"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                      "init_args": {"monitor": search.metric, "mode": "max" if search.direction == "maximize" else "min",
+                                    "patience": int(search.early_stop["patience"]),
+                                    "min_delta": float(search.early_stop.get("min_delta", 0.0))}})
+    config["trainer"]["callbacks"] = callbacks
 
 
 # -- configs ------------------------------------------------------------------------------------------------------------
@@ -339,14 +432,25 @@ def apply_override(config: dict[str, Any], key: str, value: Any) -> None:
         callback = _dp_callback(config, key)
         callback.setdefault("init_args", {})[key[len(_PRIVACY_PREFIX):]] = value
         return
-    node = config
+    node: Any = config
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise StudyConfigError(f"override {key}: {part!r} holds {child!r}, not a mapping; check the key")
-        node = child
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):  # a list entry by index, e.g. model.backbone_kwargs.stages.2.kernel
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise StudyConfigError(f"override {key}: {'.'.join(parts[:depth]) or key} is a list of {len(node)}; "
+                                       f"{part!r} is not an index into it")
+            if last:
+                node[int(part)] = value
+                return
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise StudyConfigError(f"override {key}: {parts[depth - 1]!r} holds {node!r}, not a mapping; check the key")
+        if last:
+            node[part] = value
+            return
+        node = node.setdefault(part, {})
 
 
 def _dp_callbacks(config: dict) -> list[dict]:

@@ -19,7 +19,9 @@ from trials to runs:
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
+import itertools
 import json
 import math
 import time
@@ -77,7 +79,7 @@ class StudyStore:
             search = self.spec.search
             self._studies[variant] = optuna.create_study(
                 storage=self.storage, study_name=f"{self.spec.name}/{variant}", load_if_exists=True,
-                direction=search.direction if search else "maximize", sampler=_sampler(self.spec))
+                directions=search.directions if search else ["maximize"], sampler=_sampler(self.spec))
         return self._studies[variant]
 
     @contextlib.contextmanager
@@ -213,12 +215,20 @@ class StudyStore:
             fail_stale_trials(self.study(variant.name))
 
     def complete(self, claim: Claim, result: dict[str, Any]) -> None:
-        value = result.get("objective")
+        """Record a finished run; a search's trial is told its objectives (a run missing one is failed, with why)."""
+        search = self.spec.search
+        values = list(result.get("objectives") or [result.get("objective")])
+        names = [o.metric for o in search.objectives] if search else ["objective"]
+        missing = [n for n, v in itertools.zip_longest(names, values) if not _finite(v)]
         with _unless_taken_over():
             claim.trial.set_user_attr("result", result)
             claim.trial.set_user_attr("finished", time.time())
-            claim.study.tell(claim.trial, value if value is not None and math.isfinite(value) else float("nan"),
-                             skip_if_finished=True)
+            if search is not None and missing:
+                claim.trial.set_user_attr("error", f"the run finished without a value for {', '.join(missing)}")
+                claim.study.tell(claim.trial, state=TrialState.FAIL, skip_if_finished=True)
+            else:
+                claim.study.tell(claim.trial, [v if _finite(v) else float("nan") for v in values],
+                                 skip_if_finished=True)
 
     def fail(self, claim: Claim, error: str) -> None:
         """A run that failed by itself: recorded with its error, retried only by ``study run --retry-failed``."""
@@ -288,9 +298,16 @@ def _axes(attrs: dict[str, Any]) -> dict[str, Any]:
     return json.loads(attrs.get("axes") or "{}")
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _suggest(trial: Trial, name: str, dist: dict[str, Any]) -> Any:
-    if "choices" in dist:
-        return trial.suggest_categorical(name, list(dist["choices"]))
+    choices = dist.get("choices")
+    if isinstance(choices, dict):  # named choices: the sampler sees the labels, the config gets the values
+        return copy.deepcopy(choices[trial.suggest_categorical(name, list(choices))])
+    if choices is not None:
+        return trial.suggest_categorical(name, list(choices))
     low, high = dist["low"], dist["high"]
     if all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
         return trial.suggest_int(name, low, high, step=int(dist.get("step", 1)), log=bool(dist.get("log", False)))
@@ -306,9 +323,10 @@ def _sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler | 
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        population = {} if search.population is None else {"population_size": int(search.population)}
+        return optuna.samplers.NSGAIISampler(seed=seed, **population)
     if search.sampler == "grid":
-        space = {k: v["choices"] for k, v in search.space.items() if "choices" in v}
+        space = {k: list(v["choices"]) for k, v in search.space.items() if "choices" in v}
         if len(space) != len(search.space):
             raise ValueError("search.sampler grid needs `choices` for every space entry")
         return optuna.samplers.GridSampler(space, seed=seed)
@@ -347,18 +365,20 @@ def _row(variant: str, family: str | None, trial: FrozenTrial) -> dict[str, Any]
         "val": result.get("val"), "wall_time_s": result.get("wall_time_s"), "error": error,
         "duration_s": (finished - started) if started and finished and state == "complete" else None,
         "run_dir": result.get("run_dir"), "worker": trial.user_attrs.get("worker"),
+        "objectives": result.get("objectives"),
     }
 
 
-def summarize_run(summary: dict[str, Any], metric: str) -> dict[str, Any]:
-    """What the store keeps of a run's summary.json: enough for the report to need nothing else."""
+def summarize_run(summary: dict[str, Any], metric: str, objectives: list[str] | None = None) -> dict[str, Any]:
+    """What the store keeps of a run's summary.json: enough for the report to need nothing else. ``objectives``: a
+    search's metrics (validation metrics or costs), whose values are kept in that order as ``objectives``."""
     model, data, privacy = summary.get("model") or {}, summary.get("data") or {}, summary.get("privacy") or {}
     metrics = summary.get("metrics") or {}
     best = metrics.get("best") or {}
     val = best.get("value") if best.get("monitor") == metric else (metrics.get("final") or {}).get(metric)
     flops, steps, batch = model.get("flops"), summary.get("steps"), data.get("batch_size")
     wall = summary.get("wall_time_s") or {}
-    return {
+    result = {
         "objective": val, "val": val, "metric": metric,
         "metrics": {k: v for k, v in (metrics.get("test") or {}).items() if isinstance(v, (int, float))},
         "family": model.get("group") or "plain", "dataset": data.get("flag"), "size": data.get("size"),
@@ -371,3 +391,15 @@ def summarize_run(summary: dict[str, Any], metric: str) -> dict[str, Any]:
         "run_dir": summary.get("run_dir"), "config_hash": summary.get("config_hash"),
         "device": (summary.get("device") or {}).get("name"),
     }
+    if objectives:
+        result["objectives"] = [_objective_value(summary, result, name) for name in objectives]
+    return result
+
+
+def _objective_value(summary: dict[str, Any], result: dict[str, Any], name: str) -> float | None:
+    """A validation metric (the best value when it is the checkpoint monitor, else the final one) or a cost."""
+    if not name.startswith("val/"):
+        return result.get(name)
+    metrics = summary.get("metrics") or {}
+    best = metrics.get("best") or {}
+    return best.get("value") if best.get("monitor") == name else (metrics.get("final") or {}).get(name)

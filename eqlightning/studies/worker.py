@@ -82,9 +82,10 @@ def run_claim(spec: StudySpec, store: StudyStore, claim: Claim, stop: "_StopFlag
 
 def _run_locked(spec: StudySpec, store: StudyStore, claim: Claim, stop: "_StopFlag", run_dir: Path) -> str:
     metric = spec.search.metric if spec.search else "val/auc"
+    objectives = [o.metric for o in spec.search.objectives] if spec.search else None
     finished = _finished_summary(run_dir)
     if finished:  # done before (e.g. its worker died after the run but before telling the store)
-        store.complete(claim, summarize_run(finished, metric))
+        store.complete(claim, summarize_run(finished, metric, objectives))
         return "complete"
     config_file = spec.directory / "configs" / claim.variant / f"{claim.key}.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def _run_locked(spec: StudySpec, store: StudyStore, claim: Claim, stop: "_StopFl
         finally:
             stop.child = None
     if code == 0 and (summary := _finished_summary(run_dir)):
-        store.complete(claim, summarize_run(summary, metric))
+        store.complete(claim, summarize_run(summary, metric, objectives))
         return "complete"
     if code in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT) or stop.is_set():
         store.interrupt(claim, f"exit {code}")
