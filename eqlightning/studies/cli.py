@@ -115,10 +115,15 @@ def report_command(config: str, root: str | None = None, out_dir: str | None = N
                              f"{spec.path.name} has no such search")
         from .front import reference_points
 
+        # like for like: the references' runs on the search's datasets at its privacy level
+        conditions = {(r.get("dataset"), r.get("target_epsilon")) for r in rows if r["state"] == "complete"}
         for other in reference_configs:
-            other_spec = load_spec(other, root)
-            references += reference_points(StudyStore(other_spec).rows(), search.objectives)
-        note = "runs of study " + ", ".join(Path(c).name for c in reference_configs)
+            other_rows = StudyStore(load_spec(other, root)).rows()
+            references += reference_points([r for r in other_rows
+                                            if (r.get("dataset"), r.get("target_epsilon")) in conditions],
+                                           search.objectives)
+        note = ("runs of " + ", ".join(Path(c).name for c in reference_configs)
+                + " on the same data at the same privacy level")
     started = time.monotonic()
     out = Path(out_dir) if out_dir else spec.directory / "report"
     path = write_report(rows, out, title=f"Study {spec.name}", study_config_text=spec.path.read_text(),

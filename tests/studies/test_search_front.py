@@ -5,6 +5,7 @@ section, and the export of a trial as a fit config that loads."""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import optuna
@@ -140,11 +141,13 @@ def test_report_draws_the_front_next_to_references_and_export_writes_a_fit_confi
     for claim, (auc, flops) in zip(claims, points):
         store.complete(claim, _fake_result(claim, auc, flops))
     reference = tmp_path / "ref.yaml"  # a grid study whose runs are drawn next to the front
-    reference.write_text(yaml.safe_dump({"name": "ref", "base": QUICKSTART, "seeds": [0, 1]}))
+    reference.write_text(yaml.safe_dump({"name": "ref", "base": QUICKSTART, "seeds": [0, 1, 2]}))
     ref_store = StudyStore(load_spec(reference, root=tmp_path))
     ref_store.sync_plan()
-    for claim in iter(lambda: ref_store.take("w"), None):
-        ref_store.complete(claim, {"objective": 0.8, "val": 0.8, "flops": 7e7, "parameters": 26000,
+    for claim in iter(lambda: ref_store.take("w"), None):  # seed 2 ran on other data: not like for like
+        other = claim.run.axes["seed"] == 2
+        ref_store.complete(claim, {"objective": 0.8, "val": 0.1 if other else 0.8, "flops": 7e7, "parameters": 26000,
+                                   "dataset": "breastmnist" if other else "pneumoniamnist",
                                    "metrics": {"test/acc": 0.75, "test/auc": 0.8}})
     assert main(["study", "report", str(path), "--root", str(tmp_path), "--reference", str(reference)]) == 0
     out = tmp_path / "mo" / "report"
@@ -177,3 +180,27 @@ def test_reference_points_average_seeds_per_variant():
     assert point["label"] == "a" and point["values"] == pytest.approx([0.8, 10.0]) and point["runs"] == 2
     assert point["test_acc"] == pytest.approx(0.7)
 
+
+
+def test_a_dead_workers_search_trial_is_retried_with_the_same_values_and_counted_once(tmp_path):
+    path = _study(tmp_path, n_trials=3)
+    body = yaml.safe_load(path.read_text())
+    body["heartbeat"] = {"interval": 1, "grace": 2, "max_retry": 2}
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    store = StudyStore(load_spec(path, root=tmp_path))
+    dead, alive = store.take("dead"), store.take("alive")
+    deadline = time.time() + 4
+    while time.time() < deadline:  # "alive" beats, "dead" does not
+        store.beat(alive.study, alive.trial.number)
+        time.sleep(0.5)
+    store.complete(alive, _fake_result(alive, 0.8, 2e6))
+    taken = [c for c in iter(lambda: store.take("second"), None)]  # the dead trial's retry, then one new sample
+    assert dead.key in {c.key for c in taken} and len(taken) == 2
+    retry = next(c for c in taken if c.key == dead.key)
+    assert retry.trial.params == dead.trial.params and retry.run.config == dead.run.config
+    for claim in taken:
+        store.complete(claim, _fake_result(claim, 0.9 if claim is retry else 0.7, 1e6))
+    rows = store.rows()
+    assert len(rows) == 3 and all(r["state"] == "complete" for r in rows) and store.attempts()[dead.key] == 2
+    _, front = search_front(rows, load_spec(path, root=tmp_path).search.objectives)
+    assert [t["key"] for t in front] == [dead.key]  # (0.9, 1e6) dominates the others
