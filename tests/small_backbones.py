@@ -14,6 +14,7 @@ SMALL = {
     "eq_resnet8": {"group": "D4", "width_multiplier": 0.5},
     "eq_resnet18": {"group": "C4", "width_multiplier": 0.25},
     "eq_resnet50": {"group": ["D4", "D4", "D1", "D1"], "width_multiplier": 0.125},
+    "eq_nasnet": {"width_multiplier": 0.5},  # the default groups: C4, C4, C4, then C1 (a restriction)
     "resnet18": {"width_multiplier": 0.125},
     "resnet50": {"width_multiplier": 0.125},
     "efficientnet_b0": {"width_multiplier": 0.25},

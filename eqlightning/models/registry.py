@@ -43,7 +43,7 @@ def register_backbone(name: str | None = None, *, equivariant: bool):
 
 
 def _ensure_families_loaded() -> None:
-    from . import eq_resnet, plain  # noqa: F401  (importing registers the entry points)
+    from . import eq_nasnet, eq_resnet, plain  # noqa: F401  (importing registers the entry points)
 
 
 def list_backbones(pattern: str = "*", equivariant: bool | None = None) -> list[str]:

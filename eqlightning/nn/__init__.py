@@ -12,13 +12,15 @@ from .export import export
 from .fields import (FieldTypeRecipe, canonical_group, field_type, grid_elements, group_gspace, gspace_name,
                      image_symmetries,
                      parse_group, restrict)
+from .mbconv import EquivariantDepthwiseConv2d, FieldGate, FieldSqueezeExcitation
 from .module import EquivariantModule
 from .norm import FieldBatchNorm, FieldGroupNorm
 from .persample import fp32_compute, has_per_sample_rule, promote_fp32
 from .pooling import EquivariantPool2d, FieldPool, GroupPooling, Restrict, SymmetricDownsample, symmetric_downsample
 
 __all__ = [
-    "EquivariantModule", "EquivariantConv2d", "FieldGroupNorm", "FieldBatchNorm", "PointwiseNonlinearity",
+    "EquivariantModule", "EquivariantConv2d", "EquivariantDepthwiseConv2d", "FieldSqueezeExcitation", "FieldGate",
+    "FieldGroupNorm", "FieldBatchNorm", "PointwiseNonlinearity",
     "EquivariantPool2d", "GroupPooling", "Restrict", "SymmetricDownsample", "FieldPool", "symmetric_downsample",
     "export", "make_activation", "ConvBasis", "conv_basis", "FieldTypeRecipe", "field_type", "group_gspace",
     "gspace_name", "parse_group", "canonical_group", "restrict", "grid_elements", "image_symmetries",
