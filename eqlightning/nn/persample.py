@@ -10,7 +10,8 @@ to its output, for a batch of N samples (batch first). The result maps each trai
 of its children) to an ``(N, *param.shape)`` tensor: sample n's gradient. Rules compute in at least float32 (inputs
 may be bf16/fp16 under mixed precision, see :func:`fp32_compute`) and return the parameter's dtype. Layers implement
 it without importing anything from ``eqlightning.privacy``: :class:`~eqlightning.nn.EquivariantConv2d`,
-:class:`~eqlightning.nn.FieldGroupNorm` and the ViT's ``TokenEmbedding`` do.
+:class:`~eqlightning.nn.EquivariantDepthwiseConv2d`, :class:`~eqlightning.nn.FieldGroupNorm` and the ViT's
+``TokenEmbedding`` do.
 
 An equivariant convolution also exposes what a mechanism needs to compute its per-sample gradients in its own way:
 its :class:`~eqlightning.nn.ConvBasis` (``layer.basis``: ``expand``/``project`` and their bias twins, the basis

@@ -236,9 +236,9 @@ def export_trial(spec: StudySpec, rows: Sequence[dict], trial: int, out: str | P
                                    row.get("objectives") or [row.get("val")])}
     header = [f"# Trial #{trial} of study {spec.name} ({spec.path.name}), variant {row['variant']}, run key "
               f"{row['key']}.",
-              "# Its search: " + ", ".join(f"{k} = {_plain(v)}" for k, v in result.items()) + "; test "
+              "# In the search: " + ", ".join(f"{k} = {_plain(v)}" for k, v in result.items()) + "; "
               + ", ".join(f"{k} = {_plain(v)}" for k, v in sorted((row.get("metrics") or {}).items())
-                          if k in ("test/acc", "test/auc")) + ".",
+                          if k in ("test/acc", "test/auc")) + " (seed " + str(row.get("seed")) + ").",
               f"#   python cli.py fit --config {out}"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -75,7 +75,9 @@ def _slug(*parts: Any) -> str:
 
 
 def _axis_name(key: str) -> str:
-    return key.split(".")[-1]
+    """The last part of a dotted key; a list entry keeps its index (``stages.1.kernel``)."""
+    parts = key.split(".")
+    return ".".join(parts[-3:]) if len(parts) > 2 and parts[-2].isdigit() else parts[-1]
 
 
 def _value(value: Any) -> str:
