@@ -163,7 +163,10 @@ class StudyStore:
                     study.tell(trial, state=TrialState.FAIL)
                     continue
                 run = self.spec.run(variant, _axes(trial.user_attrs))
-                if run.key != trial.user_attrs["key"]:  # planned by an older version of the study file
+                plan = study.user_attrs.get("plan") if self.spec.search is None else None
+                if run.key != trial.user_attrs["key"] or (plan is not None and run.key not in plan):
+                    # planned by an older version of the study file (other values, or a seed or grid value since
+                    # removed): not run, and not counted
                     trial.set_user_attr("error", "dropped: no longer in the study's plan")
                     study.tell(trial, state=TrialState.FAIL)
                     return None, True

@@ -161,6 +161,18 @@ def test_waiting_runs_of_an_older_plan_are_dropped_not_run(tmp_path):
     assert store.counts()["total"] == 12
 
 
+def test_waiting_runs_of_a_removed_seed_are_dropped_not_run(tmp_path):
+    spec = _spec(tmp_path)
+    StudyStore(spec).sync_plan()
+    body = yaml.safe_load(spec.path.read_text())
+    body["seeds"] = [0]  # seed 1's runs leave the plan; their configs (and keys) are unchanged
+    spec.path.write_text(yaml.safe_dump(body, sort_keys=False))
+    store = StudyStore(load_spec(spec.path, root=spec.directory.parent))
+    assert store.sync_plan() == {"added": 0, "retried": 0, "known": 6}
+    taken = [claim.run.axes["seed"] for claim in iter(lambda: store.take("w"), None)]
+    assert taken == [0] * 6 and store.counts()["total"] == 6
+
+
 def test_rows_flatten_bundles_and_short_names_for_the_report():
     from eqlightning.studies.store import flat_axes
 
