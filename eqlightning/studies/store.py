@@ -252,14 +252,22 @@ class StudyStore:
         """One row per run (its newest trial), as the report reads them; runs no longer in a grid study's plan are
         left out unless ``include_unplanned``."""
         rows = []
+        planned = self._planned_axes()
         for variant in self.spec.variants:
             study = self.study(variant.name)
             plan = study.user_attrs.get("plan")
             for key, trial in self.latest(variant.name).items():
                 if self.spec.search is None and plan is not None and key not in plan and not include_unplanned:
                     continue
-                rows.append(_row(variant.name, variant.family, trial))
+                rows.append(_row(variant.name, variant.family, trial, planned.get((variant.name, key))))
         return rows
+
+    def _planned_axes(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """``{(variant, key): axes}`` of the current plan: a run whose study file was restructured (a grid value
+        moved into the overrides, say) keeps its key and result, and is reported with today's axes."""
+        if not hasattr(self, "_planned"):
+            self._planned = {(run.variant, run.key): run.axes for run in self.spec.plan()}
+        return self._planned
 
     def counts(self) -> dict[str, int]:
         counts = {"complete": 0, "running": 0, "waiting": 0, "failed": 0}
@@ -348,9 +356,9 @@ def flat_axes(axes: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _row(variant: str, family: str | None, trial: FrozenTrial) -> dict[str, Any]:
+def _row(variant: str, family: str | None, trial: FrozenTrial, axes: dict[str, Any] | None = None) -> dict[str, Any]:
     result = trial.user_attrs.get("result") or {}
-    axes = flat_axes(_axes(trial.user_attrs))
+    axes = flat_axes(_axes(trial.user_attrs) if axes is None else axes)
     state = _STATE.get(trial.state, "failed")
     error = trial.user_attrs.get("error")
     if trial.state == TrialState.FAIL and not error:

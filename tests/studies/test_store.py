@@ -173,6 +173,21 @@ def test_waiting_runs_of_a_removed_seed_are_dropped_not_run(tmp_path):
     assert taken == [0] * 6 and store.counts()["total"] == 6
 
 
+def test_a_run_whose_axis_became_an_override_is_reported_with_todays_axes(tmp_path):
+    spec = _spec(tmp_path, grid={"epochs": [2]}, seeds=[0])
+    store = StudyStore(spec)
+    store.sync_plan()
+    for claim in iter(lambda: store.take("w"), None):
+        store.complete(claim, _result())
+    body = yaml.safe_load(spec.path.read_text())
+    body.pop("grid")
+    body["overrides"] = {"epochs": 2}  # the same configs (and keys): epochs is no longer an axis
+    spec.path.write_text(yaml.safe_dump(body, sort_keys=False))
+    store = StudyStore(load_spec(spec.path, root=spec.directory.parent))
+    assert store.sync_plan()["added"] == 0
+    assert all(r["state"] == "complete" and r["axes"] == {"seed": 0} for r in store.rows())
+
+
 def test_rows_flatten_bundles_and_short_names_for_the_report():
     from eqlightning.studies.store import flat_axes
 
