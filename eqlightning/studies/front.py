@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-from .analysis import as_number, group_rows
+from .analysis import as_number, config_axes, group_rows
 from .spec import COST_OBJECTIVES, Objective, StudySpec
 
 _COST_LABELS = {"flops": "FLOPs per image", "parameters": "parameters", "train_flops": "training FLOPs"}
@@ -60,11 +60,15 @@ def search_front(rows: Iterable[dict], objectives: Sequence[Objective]) -> tuple
 
 
 def reference_points(rows: Iterable[dict], objectives: Sequence[Objective]) -> list[dict]:
-    """Reference models (another study's complete runs), seeds averaged per variant: ``{label, values, values_std,
-    test_acc, test_auc, runs}``, for the front's plot and table."""
+    """Reference models (another study's complete runs), seeds averaged per variant and configuration: ``{label,
+    values, values_std, test_acc, test_auc, runs}``, for the front's plot and table."""
     points = []
     complete = [r for r in rows if r.get("state") == "complete"]
-    for variant, runs in sorted(group_rows(complete, lambda r: r["variant"]).items()):
+    def label(row: dict) -> str:  # a variant's configs are kept apart (e.g. all data vs a quarter of it)
+        axes = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(config_axes(row).items()))
+        return f"{row['variant']} ({axes})" if axes else row["variant"]
+
+    for variant, runs in sorted(group_rows(complete, label).items()):
         columns = list(zip(*(objective_values(r, objectives) for r in runs)))
         if any(all(v is None for v in column) for column in columns):
             continue

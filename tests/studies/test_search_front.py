@@ -173,12 +173,15 @@ def test_report_draws_the_front_next_to_references_and_export_writes_a_fit_confi
                  str(tmp_path / "x.yaml")]) == 2
 
 
-def test_reference_points_average_seeds_per_variant():
-    rows = [{"variant": "a", "state": "complete", "val": v, "flops": 10.0, "metrics": {"test/acc": v - 0.1}}
-            for v in (0.7, 0.9)] + [{"variant": "b", "state": "failed", "val": None}]
-    (point,) = reference_points(rows, [Objective("val/auc"), Objective("flops", "minimize")])
-    assert point["label"] == "a" and point["values"] == pytest.approx([0.8, 10.0]) and point["runs"] == 2
-    assert point["test_acc"] == pytest.approx(0.7)
+def test_reference_points_average_seeds_per_variant_and_config():
+    rows = [{"variant": "a", "state": "complete", "val": v, "flops": 10.0, "metrics": {"test/acc": v - 0.1},
+             "axes": {"seed": seed}} for seed, v in enumerate((0.7, 0.9))]
+    rows += [{"variant": "a", "state": "complete", "val": 0.5, "flops": 10.0, "axes": {"data.train_fraction": 0.25}},
+             {"variant": "b", "state": "failed", "val": None}]
+    whole, quarter = reference_points(rows, [Objective("val/auc"), Objective("flops", "minimize")])
+    assert whole["label"] == "a" and whole["values"] == pytest.approx([0.8, 10.0]) and whole["runs"] == 2
+    assert whole["test_acc"] == pytest.approx(0.7)
+    assert quarter["label"] == "a (train_fraction=0.25)" and quarter["values"][0] == 0.5
 
 
 
