@@ -1,4 +1,4 @@
-"""Batched, seeded tensor augmentations for square images (no torchvision).
+"""Batched, seeded tensor augmentations for square images (no torchvision); cubic volumes: see ``augment3d``.
 
 The dihedral group D4 (rotations by multiples of 90 degrees, and reflections) acts exactly on the pixel grid, so
 ``rot90`` and ``flip`` are lossless: with both enabled every sample gets a uniformly random element of D4, the
@@ -82,19 +82,26 @@ def rotate90(x: Tensor, k: Tensor) -> Tensor:
 
 
 def translate(x: Tensor, shift: Tensor, fill: float = 0.0) -> Tensor:
-    """Shift sample ``i`` by ``shift[i] = (dy, dx)`` pixels (content moves down/right for positive values).
+    """Shift sample ``i`` by ``shift[i]`` pixels/voxels (content moves towards higher indices for positive values).
 
-    Equivalent to padding by ``p >= max|shift|`` with ``fill`` and cropping the window at ``(p - dy, p - dx)``;
-    implemented as one gather over the padded batch.
+    ``x`` is ``(N, C, H, W)`` with ``shift`` ``(N, 2)`` = ``(dy, dx)``, or ``(N, C, D, H, W)`` with ``shift``
+    ``(N, 3)`` = ``(dz, dy, dx)``. Equivalent to padding by ``p >= max|shift|`` with ``fill`` and cropping the
+    window at ``p - shift``; implemented as one gather over the padded batch.
     """
-    n, c, h, w = x.shape
+    n, c, *spatial = x.shape
+    k = len(spatial)
+    if tuple(shift.shape) != (n, k):
+        raise ValueError(f"shift must have shape ({n}, {k}) for a batch of shape {tuple(x.shape)}, "
+                         f"got {tuple(shift.shape)}")
     shift = shift.to(x.device)
     p = int(shift.abs().max()) if shift.numel() else 0
     if p == 0:
         return x.clone()
-    padded = torch.nn.functional.pad(x, (p, p, p, p), value=fill)  # (N, C, H + 2p, W + 2p)
-    rows = (p - shift[:, 0]).view(n, 1) + torch.arange(h, device=x.device)  # (N, H)
-    cols = (p - shift[:, 1]).view(n, 1) + torch.arange(w, device=x.device)  # (N, W)
-    batch = torch.arange(n, device=x.device).view(n, 1, 1)
-    out = padded.permute(0, 2, 3, 1)[batch, rows.view(n, h, 1), cols.view(n, 1, w)]  # (N, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    padded = torch.nn.functional.pad(x, (p, p) * k, value=fill)  # (N, C, *(S + 2p))
+    index = [torch.arange(n, device=x.device).view(n, *[1] * k)]
+    for axis, side in enumerate(spatial):  # broadcastable (N, 1.., side, 1..) window start + offset per axis
+        shape = [n] + [1] * k
+        shape[1 + axis] = side
+        index.append(((p - shift[:, axis]).view(n, 1) + torch.arange(side, device=x.device)).view(shape))
+    out = padded.movedim(1, -1)[tuple(index)]  # (N, *spatial, C)
+    return out.movedim(-1, 1).contiguous()

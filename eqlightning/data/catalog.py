@@ -1,8 +1,9 @@
-"""The MedMNIST catalogue: which 2D datasets and sizes exist, their metadata, file names, URLs and MD5s.
+"""The MedMNIST catalogue: which datasets (2D and 3D) and sizes exist, their metadata, file names, URLs and MD5s.
 
 Everything here comes from ``medmnist.INFO`` (``medmnist/info.py`` of the installed ``medmnist`` package), so a
 newer medmnist release with new checksums is picked up without editing this file. The keys per flag are
-``url``/``MD5`` for the 28x28 file and ``url_{size}``/``MD5_{size}`` for 64, 128 and 224.
+``url``/``MD5`` for the 28-px file and ``url_{size}``/``MD5_{size}`` for the others: 64, 128 and 224 for the 2D
+datasets (``S x S`` images), 64 only for the 3D ones (``S x S x S`` volumes).
 
 ``INFO`` is read from ``medmnist/info.py`` *without importing the medmnist package*: ``import medmnist`` (and even
 ``import medmnist.info``, which runs the package ``__init__``) imports PIL, pandas and scikit-learn (about 0.4 s on
@@ -22,6 +23,8 @@ from typing import Any
 
 #: Image sizes MedMNIST publishes for 2D datasets (MedMNIST+ / v3).
 SIZES: tuple[int, ...] = (28, 64, 128, 224)
+#: Volume sizes MedMNIST publishes for 3D datasets (28x28x28 and 64x64x64).
+SIZES_3D: tuple[int, ...] = (28, 64)
 #: Split names, in the order MedMNIST uses them.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: medmnist's task strings.
@@ -66,18 +69,24 @@ def flags_2d() -> tuple[str, ...]:
     return tuple(flag for flag, entry in medmnist_info().items() if _is_2d(entry))
 
 
+def flags_3d() -> tuple[str, ...]:
+    """The 3D MedMNIST flags in INFO order (6 in medmnist 3.0: organmnist3d, nodulemnist3d, adrenalmnist3d,
+    fracturemnist3d, vesselmnist3d, synapsemnist3d)."""
+    return tuple(flag for flag, entry in medmnist_info().items() if not _is_2d(entry))
+
+
 def file_name(flag: str, size: int) -> str:
-    """Official file name: ``{flag}.npz`` for 28x28, ``{flag}_{size}.npz`` otherwise."""
+    """Official file name: ``{flag}.npz`` for size 28, ``{flag}_{size}.npz`` otherwise (2D and 3D alike)."""
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Metadata of one 2D MedMNIST dataset at one image size, as published in ``medmnist.INFO``.
+    """Metadata of one MedMNIST dataset (2D or 3D) at one image size, as published in ``medmnist.INFO``.
 
     Attributes:
-        flag: medmnist flag, e.g. ``"breastmnist"``.
-        size: image side length in pixels (28, 64, 128 or 224).
+        flag: medmnist flag, e.g. ``"breastmnist"`` or ``"organmnist3d"``.
+        size: side length in pixels/voxels (2D: 28, 64, 128 or 224; 3D: 28 or 64).
         task: medmnist's task string (one of :data:`TASKS`).
         label_names: class names (labels for multi-label) in label order.
         in_channels: 1 (grayscale) or 3 (RGB).
@@ -86,6 +95,7 @@ class DatasetInfo:
         url: official Zenodo download URL.
         md5: official MD5 of the file.
         license: the dataset's license (CC BY 4.0, except DermaMNIST: CC BY-NC 4.0).
+        spatial_dims: 2 for ``size x size`` images, 3 for ``size x size x size`` volumes.
     """
 
     flag: str
@@ -98,6 +108,17 @@ class DatasetInfo:
     url: str
     md5: str
     license: str
+    spatial_dims: int = 2
+
+    @property
+    def input_size(self) -> int:
+        """Side length of the (square) images or (cubic) volumes: the same as ``size``."""
+        return self.size
+
+    @property
+    def shape_name(self) -> str:
+        """``"28x28"`` for 2D, ``"28x28x28"`` for 3D (used in messages)."""
+        return "x".join([str(self.size)] * self.spatial_dims)
 
     @property
     def num_classes(self) -> int:
@@ -111,28 +132,31 @@ class DatasetInfo:
 
 
 def dataset_info(flag: str, size: int = 28) -> DatasetInfo:
-    """Look up a 2D MedMNIST dataset; raises ``ValueError`` naming the valid flags/sizes for anything else."""
+    """Look up a 2D or 3D MedMNIST dataset; raises ``ValueError`` naming the valid flags/sizes for anything else."""
     info = medmnist_info()
-    valid = flags_2d()
     key = flag.lower() if isinstance(flag, str) else flag
-    if key not in valid:
-        hint = (f" '{flag}' is a 3D MedMNIST dataset; eqlightning handles 2D images only."
-                if key in info else "")
-        raise ValueError(f"unknown MedMNIST flag {flag!r}.{hint} Valid 2D flags: {', '.join(valid)}")
-    if isinstance(size, bool) or size not in SIZES:
-        raise ValueError(f"unsupported MedMNIST image size {size!r} for {key!r}: valid sizes are "
-                         f"{', '.join(map(str, SIZES))}")
+    if not isinstance(key, str) or key not in info:
+        raise ValueError(f"unknown MedMNIST flag {flag!r}. Valid 2D flags: {', '.join(flags_2d())}; valid 3D flags: "
+                         f"{', '.join(flags_3d())}")
     entry = info[key]
+    spatial_dims = 2 if _is_2d(entry) else 3
+    sizes = SIZES if spatial_dims == 2 else SIZES_3D
+    if isinstance(size, bool) or size not in sizes:
+        why = "" if spatial_dims == 2 else (f" ({key} is a 3D dataset: MedMNIST publishes 3D volumes only at "
+                                            f"{' and '.join(f'{s}x{s}x{s}' for s in SIZES_3D)})")
+        raise ValueError(f"unsupported MedMNIST image size {size!r} for {key!r}: valid sizes are "
+                         f"{', '.join(map(str, sizes))}{why}")
     suffix = "" if size == 28 else f"_{size}"
     try:
         url, md5 = entry[f"url{suffix}"], entry[f"MD5{suffix}"]
     except KeyError as err:
         raise ValueError(f"medmnist.INFO[{key!r}] has no {err.args[0]!r} entry: this medmnist version does not "
-                         f"publish {key} at {size}x{size}; upgrade medmnist (pip install -U medmnist)") from None
+                         f"publish {key} at size {size}; upgrade medmnist (pip install -U medmnist)") from None
     labels = entry["label"]
     return DatasetInfo(
         flag=key, size=int(size), task=entry["task"],
         label_names=tuple(labels[str(i)] for i in range(len(labels))),
         in_channels=int(entry["n_channels"]), split_sizes={s: int(entry["n_samples"][s]) for s in SPLITS},
         filename=file_name(key, size), url=url, md5=md5, license=entry.get("license", "unknown"),
+        spatial_dims=spatial_dims,
     )

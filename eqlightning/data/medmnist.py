@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .augment import BatchAugment
-from .catalog import MULTI_LABEL, SPLITS, dataset_info
+from .catalog import MULTI_LABEL, SPLITS, dataset_info, flags_2d, flags_3d
 from .files import ensure_file
 from .splits import Split, load_splits, majority_rate, stratified_subset
 
@@ -35,7 +35,8 @@ def normalize(images: Tensor) -> Tensor:
 
 
 class MedMNISTDataset(Dataset):
-    """One split in memory (uint8); item ``i`` is ``(float image (C, H, W), label)``, normalised on access."""
+    """One split in memory (uint8); item ``i`` is ``(float image (C, H, W) or volume (1, D, H, W), label)``,
+    normalised on access."""
 
     def __init__(self, split: Split) -> None:
         self.images, self.labels = split.images, split.labels
@@ -143,6 +144,9 @@ class MedMNISTDataModule(pl.LightningDataModule):
         predict_split: the split ``predict`` scores (``train``, ``val`` or ``test``), in file order.
     """
 
+    #: 2 for images ``(B, C, H, W)``; :class:`~eqlightning.data.MedMNIST3DDataModule` has 3 (volumes).
+    spatial_dims: int = 2
+
     def __init__(self, flag: str = "breastmnist", size: int = 28, root: str | None = None, batch_size: int = 128,
                  eval_batch_size: int | None = None, num_workers: int = 0, train_fraction: float = 1.0,
                  seed: int = 0, rot90: bool = False, flip: bool = False, crop_padding: int = 0,
@@ -152,6 +156,12 @@ class MedMNISTDataModule(pl.LightningDataModule):
         if predict_split not in SPLITS:
             raise ValueError(f"predict_split must be one of {', '.join(SPLITS)}, got {predict_split!r}")
         self.info = dataset_info(flag, size)
+        if self.info.spatial_dims != self.spatial_dims:
+            other = "MedMNIST3DDataModule" if self.info.spatial_dims == 3 else "MedMNISTDataModule"
+            valid = flags_3d() if self.spatial_dims == 3 else flags_2d()
+            raise ValueError(f"'{self.info.flag}' is a {self.info.spatial_dims}D MedMNIST dataset: use "
+                             f"eqlightning.data.{other} for it. Valid flags for {type(self).__name__} "
+                             f"({self.spatial_dims}D): {', '.join(valid)}")
         for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                      ("crop_padding", crop_padding, 0), ("seed", seed, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

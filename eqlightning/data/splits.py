@@ -2,12 +2,14 @@
 
 Official file layout (all arrays ``uint8``)::
 
-    {split}_images: (N, H, W)      grayscale     or (N, H, W, 3) RGB, H == W == size
+    {split}_images: (N, H, W)      grayscale     or (N, H, W, 3) RGB, H == W == size      (2D datasets)
+                    (N, D, H, W)   grayscale volumes, D == H == W == size                 (3D datasets)
     {split}_labels: (N, 1)         class index (multi-class, binary-class, ordinal-regression)
                     (N, L)         0/1 per label (multi-label, binary-class: ChestMNIST, L = 14)
 
-for ``split`` in train/val/test. In memory, images stay ``uint8`` as ``(N, C, H, W)`` (4x smaller than float; they
-are normalised per sample when read); labels become ``long (N,)`` or ``float (N, L)``.
+for ``split`` in train/val/test. In memory, images stay ``uint8`` as ``(N, C, H, W)`` or ``(N, 1, D, H, W)`` (4x
+smaller than float; they are normalised per sample when read); labels become ``long (N,)`` or ``float (N, L)``.
+A 4-D image array is read as RGB/1-channel images for a 2D flag and as volumes for a 3D flag (the flag decides).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class DataFormatError(DataFileError, ValueError):
 
 @dataclass
 class Split:
-    """One split held in memory: ``images`` uint8 ``(N, C, H, W)``, ``labels`` long ``(N,)`` or float ``(N, L)``."""
+    """One split in memory: ``images`` uint8 ``(N, C, H, W)`` (2D) or ``(N, 1, D, H, W)`` (3D), ``labels`` long
+    ``(N,)`` or float ``(N, L)``."""
 
     images: Tensor
     labels: Tensor
@@ -40,7 +43,7 @@ class Split:
 
 
 def _fail(path: Path, info: DatasetInfo, problem: str, fix: str) -> DataFormatError:
-    return DataFormatError(f"{path} is not a valid MedMNIST {info.flag} file at {info.size}x{info.size}: {problem}. "
+    return DataFormatError(f"{path} is not a valid MedMNIST {info.flag} file at {info.shape_name}: {problem}. "
                            f"Fix: {fix}")
 
 
@@ -65,21 +68,10 @@ def _check_split(path: Path, info: DatasetInfo, split: str, images: np.ndarray, 
     if images.dtype != np.uint8:
         raise _fail(path, info, f"{split}_images has dtype {images.dtype}, expected uint8 pixels in 0..255",
                     "store images as uint8")
-    if images.ndim == 3:
-        channels = 1
-    elif images.ndim == 4 and images.shape[-1] in (1, 3):
-        channels = images.shape[-1]
+    if info.spatial_dims == 3:
+        x = _volumes(path, info, split, images, wrong_file)
     else:
-        raise _fail(path, info, f"{split}_images has shape {images.shape}, expected (N, H, W) or (N, H, W, 3)",
-                    wrong_file)
-    if channels != info.in_channels:
-        kind = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
-        raise _fail(path, info, f"{split}_images is {kind[channels]} but {info.flag} is {kind[info.in_channels]}",
-                    wrong_file)
-    h, w = images.shape[1:3]
-    if (h, w) != (info.size, info.size):
-        raise _fail(path, info, f"{split}_images are {h}x{w} pixels but size={info.size}",
-                    f"pass size={h} if that is the intended resolution, or use {info.filename}")
+        x = _images(path, info, split, images, wrong_file)
     n = images.shape[0]
     if labels.ndim == 0 or labels.shape[0] != n:
         raise _fail(path, info, f"{split}_images has {n} samples but {split}_labels has shape {labels.shape}",
@@ -87,8 +79,6 @@ def _check_split(path: Path, info: DatasetInfo, split: str, images: np.ndarray, 
     if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
         raise _fail(path, info, f"{split}_labels has dtype {labels.dtype}, expected integers", "store integer labels")
 
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    x = x.unsqueeze(1) if channels == 1 and images.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
     if info.multilabel:
         if labels.shape != (n, info.num_classes):
             raise _fail(path, info, f"{split}_labels has shape {labels.shape}, expected ({n}, {info.num_classes}) "
@@ -108,6 +98,43 @@ def _check_split(path: Path, info: DatasetInfo, split: str, images: np.ndarray, 
                         f"{info.flag} has {info.num_classes} classes (0..{info.num_classes - 1})", wrong_file)
         y = torch.from_numpy(labels.astype(np.int64))
     return Split(images=x, labels=y)
+
+
+def _images(path: Path, info: DatasetInfo, split: str, images: np.ndarray, wrong_file: str) -> Tensor:
+    """2D: ``(N, H, W)`` or ``(N, H, W, C)`` uint8 -> ``(N, C, H, W)``."""
+    if images.ndim == 3:
+        channels = 1
+    elif images.ndim == 4 and images.shape[-1] in (1, 3):
+        channels = images.shape[-1]
+    else:
+        volumes = " (that looks like 3D volumes: use a 3D flag)" if images.ndim == 4 else ""
+        raise _fail(path, info, f"{split}_images has shape {images.shape}, expected (N, H, W) or (N, H, W, 3)"
+                    f"{volumes}", wrong_file)
+    if channels != info.in_channels:
+        kind = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
+        raise _fail(path, info, f"{split}_images is {kind[channels]} but {info.flag} is {kind[info.in_channels]}",
+                    wrong_file)
+    h, w = images.shape[1:3]
+    if (h, w) != (info.size, info.size):
+        raise _fail(path, info, f"{split}_images are {h}x{w} pixels but size={info.size}",
+                    f"pass size={h} if that is the intended resolution, or use {info.filename}")
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    return x.unsqueeze(1) if images.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+
+def _volumes(path: Path, info: DatasetInfo, split: str, images: np.ndarray, wrong_file: str) -> Tensor:
+    """3D: ``(N, D, H, W)`` uint8 with ``D == H == W == size`` -> ``(N, 1, D, H, W)``."""
+    s = info.size
+    if images.ndim != 4:
+        hint = " (that looks like 2D images: use a 2D flag)" if images.ndim == 3 else ""
+        raise _fail(path, info, f"{split}_images has shape {images.shape}, expected (N, {s}, {s}, {s}) grayscale "
+                    f"volumes{hint}", wrong_file)
+    if images.shape[1:] != (s, s, s):
+        sides = sorted(set(images.shape[1:]))
+        fix = (f"pass size={sides[0]} if that is the intended resolution, or use {info.filename}"
+               if len(sides) == 1 else wrong_file)
+        raise _fail(path, info, f"{split}_images has shape {images.shape}, expected (N, {s}, {s}, {s})", fix)
+    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
 
 
 def strata(labels: Tensor) -> Tensor:
