@@ -28,7 +28,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     rows = []
-    for name in list_backbones():
+    for name in list_backbones(dims=2):
         variants = [{"group": "D4"}, {"group": "C8"}] if backbone_entry(name).equivariant else [{}]
         for options in variants:
             for size in args.sizes:

@@ -1,6 +1,9 @@
 """Speed of equivariant and private training, measured side by side in one process.
 
     python benchmarks/run.py --out benchmarks/results/<machine>.json        (or: make bench)
+    python benchmarks/run.py --backbone eq_resnet8_3d --group O --batch-sizes 8 --out .../<machine>-3d.json
+
+3D backbones are measured on volumes ``size^3`` (the plain comparisons then use Conv3d), without the data block.
 
 What is compared (default: the default equivariant backbone of configs/, eq_resnet8 with D4 and GroupNorm, at
 28 px, 1 channel, 2 classes; random data, cross-entropy, SGD with momentum):
@@ -54,7 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eqlightning.models import create_backbone
+from eqlightning.models import backbone_entry, create_backbone
 from eqlightning.nn import export
 
 TARGETS = {"dp_over_nonprivate": 1.3, "equivariant_over_same_channel_plain": 1.05, "exported_over_plain": 1.0}
@@ -136,7 +139,7 @@ class TrainStep:
                                      max_grad_norm=1.0, expected_batch_size=batch).optimizer
         self.optimizer = optimizer
         generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(batch, args.in_channels, args.size, args.size, generator=generator).to(device)
+        self.x = torch.randn(batch, args.in_channels, *(args.size,) * args.dims, generator=generator).to(device)
         self.y = torch.randint(0, args.num_classes, (batch,), generator=generator).to(device)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
                          else nullcontext())
@@ -163,7 +166,7 @@ class TrainStep:
 class EvalForward:
     def __init__(self, model, mode: str, batch: int, args, device: torch.device):
         self.device, self.model = device, copy.deepcopy(model).to(device).train(mode == "train")
-        self.x = torch.randn(batch, args.in_channels, args.size, args.size,
+        self.x = torch.randn(batch, args.in_channels, *(args.size,) * args.dims,
                              generator=torch.Generator().manual_seed(1)).to(device)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
                          else nullcontext())
@@ -566,12 +569,15 @@ def main() -> None:
     parser.add_argument("--settle-seconds", type=float, default=SETTLE_TIMEOUT_S,
                         help="before each block, wait at most this long for earlier load to decay (0: don't wait)")
     args = parser.parse_args()
+    args.dims = backbone_entry(args.backbone).dims  # 3D backbones (eq_resnet8_3d, ...) get volumes size^3
+    if args.dims == 3:
+        args.skip_data = True  # the data-throughput block reads the embedded 2D BreastMNIST sample
     history = CpuHistory()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     torch.manual_seed(0)
     models, width = build_models(args)
     report = {"machine": {"name": args.machine, **machine_description(torch.device(devices[-1]))},
-              "config": {"backbone": args.backbone, "group": args.group, "input_size": args.size,
+              "config": {"backbone": args.backbone, "group": args.group, "input_size": args.size, "dims": args.dims,
                          "in_channels": args.in_channels, "num_classes": args.num_classes,
                          "warmup": args.warmup, "repeats": args.repeats,
                          "parameters": {k: count_parameters(m) for k, m in models.items()},

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ImageClassifier": "eqlightning.classifier",
     "MedMNISTDataModule": "eqlightning.data",
+    "MedMNIST3DDataModule": "eqlightning.data",
     "create_backbone": "eqlightning.models",
     "list_backbones": "eqlightning.models",
     "profile_backbone": "eqlightning.models",

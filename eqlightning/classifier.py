@@ -140,6 +140,14 @@ class ImageClassifier(L.LightningModule):
     def _check_inputs(self) -> None:
         """A data module whose images do not fit the model fails here, naming both, not in a convolution."""
         data = getattr(self.trainer, "datamodule", None)
+        from .models import backbone_entry
+        ours, theirs = backbone_entry(self.hparams.backbone).dims, getattr(data, "spatial_dims", None)
+        if isinstance(theirs, int) and ours != theirs:
+            kinds = {2: "images (2D)", 3: "volumes (3D)"}
+            hint = ("a 3D backbone such as eq_resnet8_3d or resnet18_3d" if theirs == 3
+                    else "a 2D backbone such as eq_resnet8 or resnet18")
+            raise ValueError(f"backbone {self.hparams.backbone!r} takes {kinds[ours]} but the data module "
+                             f"{type(data).__name__} ({getattr(data, 'flag', '')}) gives {kinds[theirs]}; use {hint}")
         for name in ("in_channels", "num_classes"):
             ours, theirs = self.hparams.get(name), getattr(data, name, None)
             if isinstance(theirs, int) and ours is not None and ours != theirs:
@@ -148,7 +156,7 @@ class ImageClassifier(L.LightningModule):
                                  f"{name}={theirs} (the CLI links it from the data)")
 
     def _check_batch(self, x: torch.Tensor, batch_idx: int) -> None:
-        if batch_idx == 0 and x.ndim == 4 and x.shape[1] != self.hparams.in_channels:
+        if batch_idx == 0 and x.ndim in (4, 5) and x.shape[1] != self.hparams.in_channels:
             raise ValueError(f"the batch has {x.shape[1]} channels (shape {tuple(x.shape)}) but the model was built "
                              f"for in_channels={self.hparams.in_channels}; build it with in_channels={x.shape[1]}")
 

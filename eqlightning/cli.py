@@ -77,6 +77,8 @@ class EqLightningCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # data: MedMNISTDataModule (2D) unless a config names another class, e.g. MedMNIST3DDataModule for volumes
+        parser.set_defaults({"data": {"class_path": "eqlightning.data.MedMNISTDataModule"}})
         for name in ("num_classes", "in_channels", "task", "input_size"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -293,7 +295,7 @@ def run_cli(args: list[str] | None = None, run: bool = True,
     parser_kwargs = {**no_exit, **({name: no_exit for name in cli_class.subcommands()} if run else {})}
     try:
         return cli_class(ImageClassifier, MedMNISTDataModule, seed_everything_default=0, args=args, run=run,
-                         parser_kwargs=parser_kwargs)
+                         parser_kwargs=parser_kwargs, subclass_mode_data=True)
     finally:
         if not inherited_run_id:  # the next run started from this process gets its own directory
             os.environ.pop(_RUN_ID_ENV, None)

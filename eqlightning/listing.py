@@ -32,7 +32,7 @@ def backbones_table() -> list[str]:
     lines = ["Backbones (model.backbone; options under model.backbone_kwargs):"]
     for name in list_backbones():
         entry = backbone_entry(name)
-        kind = "equivariant" if entry.equivariant else "plain"
+        kind = ("equivariant" if entry.equivariant else "plain") + (", 3D" if entry.dims == 3 else "")
         lines.append(f"  {name:<16} [{kind}] {entry.description}")
         lines.append(f"  {'':<16} options: {', '.join(option_names(entry.fn)) or '-'}")
     return lines

@@ -41,3 +41,15 @@ def slurm_cluster():
         pytest.skip(reason)
     with local_slurm.LocalSlurm() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _basis_cache(tmp_path_factory):
+    """3D bases are cached on disk (eqlightning.nn.basis): the suite uses its own cache, not the user's."""
+    previous = os.environ.get("EQL_BASIS_CACHE")
+    os.environ["EQL_BASIS_CACHE"] = str(tmp_path_factory.mktemp("basis-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("EQL_BASIS_CACHE", None)
+    else:
+        os.environ["EQL_BASIS_CACHE"] = previous

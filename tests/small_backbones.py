@@ -41,4 +41,29 @@ def small_backbone(name: str, in_channels: int = 1, num_classes: int = 2, input_
                            **small_options(name))
 
 
-ALL = list_backbones()
+ALL = list_backbones(dims=2)
+
+#: 3D backbones (volumes): small widths, GroupNorm (DP-compatible)
+SMALL_3D = {
+    "eq_resnet8_3d": {"group": "O", "width_multiplier": 0.5},
+    "eq_resnet18_3d": {"group": ["Oh", "Oh", "O", "O"], "width_multiplier": 0.125},
+    "eq_resnet50_3d": {"group": "O", "width_multiplier": 0.05},
+    **{name: {"width_multiplier": 0.125, "depth_multiplier": 0.1}
+       for name in ("resnet18_3d", "resnet50_3d", "resnet18_acs", "resnet50_acs", "resnet18_25d", "resnet50_25d")},
+}
+
+
+def small_options3d(name: str) -> dict:
+    """Options for a small, DP-compatible 3D ``name``; fails for a 3D backbone registered without an entry here."""
+    if name not in SMALL_3D:
+        raise KeyError(f"3D backbone {name!r} has no small test configuration: add one to tests/small_backbones.py")
+    options = dict(SMALL_3D[name])
+    accepted = inspect.signature(backbone_entry(name).fn).parameters
+    if "norm" in accepted or backbone_entry(name).equivariant:
+        options["norm"] = "group"
+    if "dropout" in accepted:
+        options["dropout"] = 0.0
+    return options
+
+
+ALL_3D = list_backbones(dims=3)

@@ -39,7 +39,7 @@ def test_every_config_instantiates(config, tmp_path, medmnist_root):
     assert (model.hparams.num_classes, model.hparams.in_channels, model.task) == (data.num_classes,
                                                                                    data.in_channels, data.task)
     assert model.hparams.input_size == data.input_size
-    x = torch.zeros(2, data.in_channels, data.input_size, data.input_size)
+    x = torch.zeros(2, data.in_channels, *(data.input_size,) * data.spatial_dims)
     assert model.eval()(x).shape == (2, data.num_classes)
 
 

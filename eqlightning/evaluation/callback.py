@@ -97,12 +97,20 @@ def _rotation_name(angle: float) -> tuple[str, float]:
     return f"rot{_fmt(turned)}", turned
 
 
+#: 3D groups (volumes ``(N, C, D, H, W)``): ``rot90`` turns the H-W plane, ``rot90_dh`` the D-H plane; together they
+#: generate the 24 rotations of the cube, and with ``hflip`` all 48 symmetries
+_GROUPS_3D = {"O": ["rot90", "rot90_dh"], "SO3": ["rot90", "rot90_dh"], "Oh": ["rot90", "rot90_dh", "hflip"],
+              "O3": ["rot90", "rot90_dh", "hflip"], "C1": []}
+
+
 def group_generators(group: str | None) -> list[str]:
     """The transforms on the pixel grid that generate the part of ``group`` acting exactly on it: ``rot90`` (or
     ``rot180`` for C2/D2-like groups) and, for dihedral groups, ``hflip``. ``None`` (a plain backbone) gives
     ``['rot90', 'hflip']`` as a diagnostic."""
     if group is None:
         return ["rot90", "hflip"]
+    if str(group).strip() in _GROUPS_3D:  # volumes: rot90 about the depth axis and about the width axis generate O
+        return _GROUPS_3D[str(group).strip()]
     match = _GROUP.match(str(group).strip().upper())
     if not match:
         raise ValueError(f"Robustness: cannot read the group {group!r}; expected 'C<N>', 'D<N>' or None")
@@ -220,7 +228,10 @@ class Robustness(Callback):
             exact["hflip"] = _Transform("hflip", hflip, True)
         for name in self._generators:  # reuse the rotations' / flips' forwards
             if name not in exact:
-                fn = hflip if name == "hflip" else lambda x, k=int(name[3:]) // 90: torch.rot90(x, k, dims=(-2, -1))
+                if name == "rot90_dh":
+                    fn = lambda x: torch.rot90(x, 1, dims=(-3, -2))  # noqa: E731
+                else:
+                    fn = hflip if name == "hflip" else lambda x, k=int(name[3:]) // 90: torch.rot90(x, k, dims=(-2, -1))
                 exact[name] = _Transform(name, fn, False)
         self._exact = list(exact.values())
 

@@ -26,7 +26,8 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def profile_backbone(model: nn.Module, input_size: int, in_channels: int) -> Profile:
-    """Count trainable parameters and forward FLOPs (``torch.utils.flop_counter``) for one image.
+    """Count trainable parameters and forward FLOPs (``torch.utils.flop_counter``) for one image (or volume, for a
+    backbone with ``dims == 3``).
 
     Counted in eval mode, where an equivariant layer's filter is already expanded (as after ``export()``), so the
     numbers are those of the convolutions themselves.
@@ -34,8 +35,8 @@ def profile_backbone(model: nn.Module, input_size: int, in_channels: int) -> Pro
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)
-    x = torch.zeros(1, in_channels, input_size, input_size,
-                    device=param.device if param is not None else "cpu")
+    dims = getattr(model, "dims", 2)  # set by create_backbone from the registry entry (3 for volumes)
+    x = torch.zeros(1, in_channels, *(input_size,) * dims, device=param.device if param is not None else "cpu")
     model(x)  # warm the eval-mode filter caches so the expansion is not counted
     counter = FlopCounterMode(display=False)
     with counter:

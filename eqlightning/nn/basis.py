@@ -2,7 +2,7 @@
 
 An equivariant convolution's filter is a linear function of its coefficients,
 
-    W[a, o, b, i, y, x] = sum_d  w[a, b, d] * B[d, o, i, y, x]
+    W[a, o, b, i, y, x] = sum_d  w[a, b, d] * B[d, o, i, y, x]      (and ``z, y, x`` for volumes)
 
 for every output field ``a`` (channels ``o`` within it) and input field ``b`` (channels ``i``), with one basis ``B``
 per pair of representations, shared by all field pairs of that kind. :class:`ConvBasis` holds those bases and
@@ -47,7 +47,7 @@ class BasisBlock:
 
     in_group: FieldGroup
     out_group: FieldGroup
-    basis: torch.Tensor  # (d, o, i, k, k), float64 master copy
+    basis: torch.Tensor  # (d, o, i, k, k) or (d, o, i, k, k, k), float64 master copy
     he_std: torch.Tensor  # (d,) std of each coefficient under escnn's generalized He init
     offset: int  # first coefficient of this block in the weight vector
     symmetries: list | None = None  # see grid_symmetries()
@@ -92,23 +92,83 @@ def _block_basis(in_type: FieldTypeRecipe, rep_in: ReprRecipe, rep_out: ReprReci
 
 
 def _sample_block(in_type: FieldTypeRecipe, rep_in: ReprRecipe, rep_out: ReprRecipe, kernel_size, dilation, kwargs):
-    """Sample one block of escnn's basis (see :func:`_block_basis`)."""
+    """Sample one block of escnn's basis (see :func:`_block_basis`); 3D blocks go through the disk cache."""
+    if in_type.dims != 3:
+        return _sample_escnn_block(in_type, rep_in, rep_out, kernel_size, dilation, kwargs)
+    reprs = tuple((r.name, r.irreps, r.size, r.change_of_basis) for r in (rep_in, rep_out))  # no sets: stable repr
+    path = _disk_cache_path((in_type.sg_id, in_type.maximum_frequency, reprs, kernel_size, dilation, kwargs))
+    if path is not None and path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            basis = None if saved["basis"] is None else saved["basis"].to(torch.float64)
+            return None if basis is None else (basis, [(tuple(a), int(b)) for a, b in saved["info"]], None)
+        except Exception:  # a truncated or foreign file: rebuild it
+            pass
+    block = _sample_escnn_block(in_type, rep_in, rep_out, kernel_size, dilation, kwargs)
+    if path is not None:
+        _disk_cache_store(path, block)
+    return block
+
+
+#: bump when the cached layout changes
+_DISK_FORMAT = 1
+
+
+def _disk_cache_path(key):
+    """Where a 3D basis block is cached: ``$EQL_BASIS_CACHE`` (``off`` disables it), else
+    ``$XDG_CACHE_HOME/eqlightning/bases`` (``~/.cache/...``). Keyed by escnn's version and the block's recipe."""
+    import hashlib
+    import os
+    from importlib.metadata import version
+    from pathlib import Path
+
+    root = os.environ.get("EQL_BASIS_CACHE")
+    if root is not None and root.strip().lower() in ("off", "0", "false", "none", ""):
+        return None
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eqlightning" / "bases"
+    digest = hashlib.sha256(repr((_DISK_FORMAT, version("escnn"), key)).encode()).hexdigest()[:32]
+    return Path(root) / f"{digest}.pt"
+
+
+def _disk_cache_store(path, block) -> None:
+    """Write a block atomically; an unwritable cache directory only costs the rebuild next time."""
+    import os
+    import tempfile
+
+    basis = None if block is None else block[0].to(torch.float32)  # escnn samples in float32: lossless
+    info = [] if block is None else [(list(a), b) for a, b in block[1]]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"basis": basis, "info": info}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _sample_escnn_block(in_type: FieldTypeRecipe, rep_in: ReprRecipe, rep_out: ReprRecipe, kernel_size, dilation,
+                        kwargs):
     single_in = FieldTypeRecipe(in_type.sg_id, in_type.maximum_frequency, (rep_in,)).build()
     single_out = FieldTypeRecipe(in_type.sg_id, in_type.maximum_frequency, (rep_out,)).build()
-    conv = enn.R2Conv(single_in, single_out, kernel_size, dilation=dilation, bias=False, initialize=False,
+    conv_class = enn.R3Conv if in_type.dims == 3 else enn.R2Conv
+    conv = conv_class(single_in, single_out, kernel_size, dilation=dilation, bias=False, initialize=False,
                       **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs})
     expansion = conv.basisexpansion
     if expansion.dimension() == 0:
         return None
     (pair,) = expansion._representations_pairs
     block = getattr(expansion, f"block_expansion_{expansion._escape_pair(pair)}")
-    sampled = block.sampled_basis.detach().to(torch.float64)  # (d, o, i, k*k)
+    sampled = block.sampled_basis.detach().to(torch.float64)  # (d, o, i, k**dims)
     info = [(tuple(a["in_irrep"]), a["out_irrep_idx"]) for a in block.get_basis_info()]
-    symmetries = grid_symmetries(sampled, single_in, single_out, kernel_size)
+    # 3D: the symmetry search and the average cost minutes for Oh bases (48 copies of ~1e8 numbers); escnn's float32
+    # sampling is already equivariant to ~1e-7, and only the 2D orbit mechanism uses the symmetries
+    symmetries = None if in_type.dims == 3 else grid_symmetries(sampled, single_in, single_out, kernel_size)
     if symmetries:  # escnn samples in float32: make the grid symmetries exact (a Reynolds average)
         sampled = torch.stack([sampled[:, p_o][:, :, p_i][:, :, :, torch.as_tensor(k_map)]
                                for p_o, p_i, k_map, _ in symmetries]).mean(0)
-    return sampled.reshape(*sampled.shape[:3], kernel_size, kernel_size), info, symmetries
+    return sampled.reshape(*sampled.shape[:3], *(kernel_size,) * in_type.dims), info, symmetries
 
 
 def _permutation(matrix) -> np.ndarray | None:
@@ -120,25 +180,33 @@ def _permutation(matrix) -> np.ndarray | None:
 
 
 def grid_map(size: int, matrix: np.ndarray) -> np.ndarray:
-    """For each cell of a ``size x size`` grid (row-major), the index of the cell at ``matrix @ (centred position)``."""
-    coords = 2 * np.indices((size, size)).reshape(2, -1) - (size - 1)  # doubled centred (row, col): integers
-    moved = np.rint(matrix @ coords).astype(int)
-    return ((moved[0] + size - 1) // 2) * size + (moved[1] + size - 1) // 2
+    """For each cell of a ``size^dims`` grid (row-major), the flat index of the cell at ``matrix @ (centred
+    position)``; ``dims`` is the matrix's size (2 for images, 3 for volumes)."""
+    dims = matrix.shape[0]
+    coords = 2 * np.indices((size,) * dims).reshape(dims, -1) - (size - 1)  # doubled centred positions: integers
+    moved = (np.rint(matrix @ coords).astype(int) + size - 1) // 2
+    return np.ravel_multi_index(tuple(moved), (size,) * dims)
+
+
+def _array_axes(dims: int) -> np.ndarray:
+    """escnn's base-space coordinates (x, y[, z]) -> array axes: (row, col) = (-y, x); (-z, -y, x) in 3D."""
+    return np.array([[0.0, -1.0], [1.0, 0.0]]) if dims == 2 else np.array([[0.0, 0, -1], [0, -1, 0], [1, 0, 0]])
 
 
 def grid_symmetries(basis: torch.Tensor, in_type, out_type, kernel_size: int) -> list | None:
-    """The symmetries of a block basis ``(d, o, i, k*k)`` under the group elements that map the pixel grid onto
-    itself: ``[(P_out, P_in, kernel_map, matrix), ...]`` with ``B[:, P_out][:, :, P_in][..., kernel_map] == B``.
+    """The symmetries of a block basis ``(d, o, i, k**dims)`` under the group elements that map the pixel (voxel)
+    grid onto itself: ``[(P_out, P_in, kernel_map, matrix), ...]`` with ``B[:, P_out][:, :, P_in][..., kernel_map]
+    == B``.
 
-    ``matrix`` acts on centred (row, col) positions. escnn's base-space matrices act on (x, y) with arrays indexed
-    (row, col) = (-y, x); whether ``T_h`` is that matrix or its inverse is settled by the basis itself. Returns None
+    ``matrix`` acts on centred array positions. escnn's base-space matrices act on (x, y[, z]) with arrays indexed
+    (-y, x) / (-z, -y, x); whether ``T_h`` is that matrix or its inverse is settled by the basis itself. Returns None
     when the fields do not transform by permutations or no consistent convention is found.
     """
     from .fields import grid_elements
 
     gspace = in_type.gspace
     in_rep, out_rep = in_type.representations[0], out_type.representations[0]
-    to_rc = np.array([[0.0, -1.0], [1.0, 0.0]])
+    to_rc = _array_axes(gspace.dimensionality)
     elements = grid_elements(gspace)
     b = basis.numpy()
     for inverse in (False, True):
@@ -163,6 +231,8 @@ class ConvBasis:
         if in_type.sg_id != out_type.sg_id:
             raise ValueError("input and output field types must belong to the same group (same gspace)")
         self.in_size, self.out_size, self.kernel_size = in_type.size, out_type.size, kernel_size
+        self.dims = in_type.dims
+        self._kernel = (kernel_size,) * self.dims
         self.in_groups, in_order = _grouped(in_type)
         self.out_groups, out_order = _grouped(out_type)
         self._in_inverse = None if in_order is None else torch.argsort(torch.tensor(in_order))
@@ -178,8 +248,8 @@ class ConvBasis:
                     found[(gi, go)] = sampled
         if not found:
             raise ValueError(
-                f"no equivariant {kernel_size}x{kernel_size} filter maps these input fields to these output fields "
-                "(empty steerable basis); use a larger kernel or different field types"
+                f"no equivariant {'x'.join([str(kernel_size)] * self.dims)} filter maps these input fields to these "
+                "output fields (empty steerable basis); use a larger kernel or different field types"
             )
         stds = _generalized_he_std(found)
         self.blocks: list[BasisBlock] = []
@@ -223,9 +293,9 @@ class ConvBasis:
         }
 
     def expand(self, weight: torch.Tensor) -> torch.Tensor:
-        """Coefficients ``(dim,)`` -> filter ``(out_size, in_size, k, k)``."""
+        """Coefficients ``(dim,)`` -> filter ``(out_size, in_size, k, k)`` (``k, k, k`` for volumes)."""
         t = self.tensors(weight.device, weight.dtype)
-        k = self.kernel_size
+        k = self._kernel
         blocks = {(b.in_group, b.out_group): (b, basis) for b, basis in zip(self.blocks, t["bases"])}
         rows = []
         for go in self.out_groups:
@@ -234,12 +304,12 @@ class ConvBasis:
                 a, o, b_, i = go.count, go.recipe.size, gi.count, gi.recipe.size
                 entry = blocks.get((gi, go))
                 if entry is None:
-                    cols.append(weight.new_zeros(a * o, b_ * i, k, k))
+                    cols.append(weight.new_zeros(a * o, b_ * i, *k))
                     continue
                 block, basis = entry
                 coeff = weight[block.offset:block.offset + block.numel].view(a * b_, block.dim)
-                filt = (coeff @ basis).view(a, b_, o, i, k, k).transpose(1, 2)
-                cols.append(filt.reshape(a * o, b_ * i, k, k))
+                filt = (coeff @ basis).view(a, b_, o, i, *k).transpose(1, 2)
+                cols.append(filt.reshape(a * o, b_ * i, *k))
             rows.append(cols[0] if len(cols) == 1 else torch.cat(cols, dim=1))
         filt = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
         if t["out_inverse"] is not None:
@@ -249,19 +319,19 @@ class ConvBasis:
         return filt
 
     def project(self, filter_grad: torch.Tensor) -> torch.Tensor:
-        """Adjoint of :meth:`expand`: ``(..., out_size, in_size, k, k)`` -> ``(..., dim)``.
+        """Adjoint of :meth:`expand`: ``(..., out_size, in_size, *kernel)`` -> ``(..., dim)``.
 
         Maps the gradient with respect to the filter (also a batch of per-sample filter gradients) to the gradient
         with respect to the coefficients.
         """
-        lead = filter_grad.shape[:-4]
-        g = filter_grad.reshape(-1, self.out_size, self.in_size, self.kernel_size, self.kernel_size)
+        lead = filter_grad.shape[:-2 - self.dims]
+        g = filter_grad.reshape(-1, self.out_size, self.in_size, *self._kernel)
         t = self.tensors(g.device, g.dtype)
         if t["out_order"] is not None:
             g = g.index_select(1, t["out_order"])
         if t["in_order"] is not None:
             g = g.index_select(2, t["in_order"])
-        n, kk = g.shape[0], self.kernel_size ** 2
+        n, kk = g.shape[0], self.kernel_size ** self.dims
         pieces = []
         for block, basis in zip(self.blocks, t["bases"]):
             go, gi = block.out_group, block.in_group

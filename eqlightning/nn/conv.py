@@ -1,4 +1,4 @@
-"""Equivariant 2D convolution on plain tensors, parametrised by escnn's steerable basis coefficients."""
+"""Equivariant 2D and 3D convolutions on plain tensors, parametrised by escnn's steerable basis coefficients."""
 
 from __future__ import annotations
 
@@ -11,32 +11,25 @@ from .module import EquivariantModule
 from .persample import fp32_compute
 
 
-class EquivariantConv2d(EquivariantModule):
-    r"""G-steerable convolution between fields of ``in_type`` and ``out_type`` (C_N or D_N, any N).
-
-    The filter is ``W = B(w)``: a linear expansion of the trainable coefficients ``weight`` in escnn's basis of
-    equivariant kernels, so that ``conv(rho_in(g) x) = rho_out(g) conv(x)`` for all rotations/reflections ``g`` of the
-    group (exactly for those that map the pixel grid onto itself; up to discretisation for e.g. 45 degrees). The bias
-    has one coefficient per trivial irrep of the output fields (one per regular or trivial field).
-
-    Same numbers as ``escnn.nn.R2Conv`` with the same coefficients (same coefficient layout), but it takes and
-    returns ``torch.Tensor`` s, holds no buffers, and works with Opacus, ``torch.func`` and DDP.
-
-    .. warning:: In eval mode under ``torch.no_grad()`` the expanded filter is cached and reused until the
-       coefficients change (tracked through their version counter) or the layer goes back to training mode.
-
-    Args:
-        in_type, out_type: escnn field types of one gspace (regular / trivial fields or their restrictions).
-        kernel_size: odd sizes keep the kernel centred (required for exact rot90/flip equivariance).
-        stride, padding, dilation: as ``torch.nn.Conv2d``; ``padding=None`` keeps the size ("same") at stride 1.
-        bias: learn an equivariant bias.
-        sigma, frequencies_cutoff, rings, maximum_offset: escnn's basis parameters (defaults as ``R2Conv``).
+class SteerableConv(EquivariantModule):
+    r"""G-steerable convolution between fields of ``in_type`` and ``out_type``: the shared implementation of
+    :class:`EquivariantConv2d` (images, C_N / D_N) and :class:`EquivariantConv3d` (volumes, O / Oh / SO3 / O3).
+    Subclasses set the torch convolution (``_conv``, ``_plain``) and the per-sample filter gradient; the contract
+    (coefficients ``weight``, ``expand``/``export``, per-sample gradients, forward routing) is documented on
+    :class:`EquivariantConv2d`.
     """
+
+    _dims = 2
+    _conv = staticmethod(F.conv2d)
+    _plain = nn.Conv2d
 
     def __init__(self, in_type, out_type, kernel_size: int, stride: int = 1, padding: int | None = None,
                  dilation: int = 1, bias: bool = True, sigma=None, frequencies_cutoff=None, rings=None,
                  maximum_offset=None):
         super().__init__(in_type, out_type)
+        if self.dims != self._dims:
+            raise ValueError(f"{type(self).__name__} convolves {self._dims}D fields, got {self.dims}D field types "
+                             f"(use EquivariantConv{self.dims}d)")
         self.kernel_size, self.stride, self.dilation = int(kernel_size), int(stride), int(dilation)
         self.padding = dilation * (self.kernel_size - 1) // 2 if padding is None else int(padding)
         self._basis_kwargs = dict(sigma=sigma, frequencies_cutoff=frequencies_cutoff, rings=rings,
@@ -62,7 +55,7 @@ class EquivariantConv2d(EquivariantModule):
                 self.bias.zero_()
 
     def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The expanded ``(out, in, k, k)`` filter and ``(out,)`` bias, computed in the parameters' dtype.
+        """The expanded ``(out, in, *kernel)`` filter and ``(out,)`` bias, computed in the parameters' dtype.
 
         Autocast is disabled here so that bf16/fp16 mixed precision only affects the convolution itself.
         """
@@ -102,12 +95,12 @@ class EquivariantConv2d(EquivariantModule):
             filt, bias = self._cached_expand()
         else:
             filt, bias = self.expand()
-        return F.conv2d(x, filt, bias, self.stride, self.padding, self.dilation)
+        return self._conv(x, filt, bias, self.stride, self.padding, self.dilation)
 
-    def export(self) -> nn.Conv2d:
-        """A ``torch.nn.Conv2d`` with the expanded filter (identical outputs)."""
+    def export(self) -> nn.Module:
+        """A ``torch.nn.Conv2d`` (``Conv3d``) with the expanded filter (identical outputs)."""
         filt, bias = (t.detach() if t is not None else None for t in self.expand())
-        conv = nn.Conv2d(self._in_recipe.size, self._out_recipe.size, self.kernel_size, self.stride, self.padding,
+        conv = self._plain(self._in_recipe.size, self._out_recipe.size, self.kernel_size, self.stride, self.padding,
                          self.dilation, bias=bias is not None, device=filt.device, dtype=filt.dtype)
         with torch.no_grad():
             conv.weight.copy_(filt)
@@ -122,13 +115,6 @@ class EquivariantConv2d(EquivariantModule):
         state["_routed_forward"] = None
         return state
 
-    def per_sample_filter_gradients(self, x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-        """``(N, out, in, k, k)``: each sample's gradient with respect to the expanded filter (unfold + batched
-        matmul), for the layer's input ``x`` and the gradient of a sum-reduced loss w.r.t. its output."""
-        n, k = x.shape[0], self.kernel_size
-        cols = F.unfold(x, k, dilation=self.dilation, padding=self.padding, stride=self.stride)  # (N, in*k*k, L)
-        grads = torch.bmm(grad_output.reshape(n, grad_output.shape[1], -1), cols.transpose(1, 2))
-        return grads.view(n, grad_output.shape[1], x.shape[1], k, k)
 
     def per_sample_gradients(self, inputs, grad_output: torch.Tensor) -> dict:
         """Exact per-sample gradients (the contract of :mod:`eqlightning.nn.persample`). The filter is linear in
@@ -140,7 +126,8 @@ class EquivariantConv2d(EquivariantModule):
                 filt = self.per_sample_filter_gradients(x, g.to(x.dtype))
                 result[self.weight] = self.basis.project(filt).to(self.weight.dtype)  # (N, dim)
             if self.bias is not None and self.bias.requires_grad:
-                result[self.bias] = self.basis.project_bias(g.sum(dim=(2, 3)).to(x.dtype)).to(self.bias.dtype)
+                spatial = tuple(range(2, g.dim()))
+                result[self.bias] = self.basis.project_bias(g.sum(dim=spatial).to(x.dtype)).to(self.bias.dtype)
         return result
 
     def extra_repr(self) -> str:
@@ -148,3 +135,72 @@ class EquivariantConv2d(EquivariantModule):
         return (f"{group}: {len(self._in_recipe.reprs)} -> {len(self._out_recipe.reprs)} fields "
                 f"({self._in_recipe.size} -> {self._out_recipe.size} channels), kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, coefficients={self.weight.numel()}")
+
+
+class EquivariantConv2d(SteerableConv):
+    r"""G-steerable convolution of images between fields of ``in_type`` and ``out_type`` (C_N or D_N, any N).
+
+    The filter is ``W = B(w)``: a linear expansion of the trainable coefficients ``weight`` in escnn's basis of
+    equivariant kernels, so that ``conv(rho_in(g) x) = rho_out(g) conv(x)`` for all rotations/reflections ``g`` of the
+    group (exactly for those that map the pixel grid onto itself; up to discretisation for e.g. 45 degrees). The bias
+    has one coefficient per trivial irrep of the output fields (one per regular or trivial field).
+
+    Same numbers as ``escnn.nn.R2Conv`` with the same coefficients (same coefficient layout), but it takes and
+    returns ``torch.Tensor`` s, holds no buffers, and works with Opacus, ``torch.func`` and DDP.
+
+    .. warning:: In eval mode under ``torch.no_grad()`` the expanded filter is cached and reused until the
+       coefficients change (tracked through their version counter) or the layer goes back to training mode.
+
+    Args:
+        in_type, out_type: escnn field types of one gspace (regular / trivial fields or their restrictions).
+        kernel_size: odd sizes keep the kernel centred (required for exact rot90/flip equivariance).
+        stride, padding, dilation: as ``torch.nn.Conv2d``; ``padding=None`` keeps the size ("same") at stride 1.
+        bias: learn an equivariant bias.
+        sigma, frequencies_cutoff, rings, maximum_offset: escnn's basis parameters (defaults as ``R2Conv``).
+    """
+
+    def per_sample_filter_gradients(self, x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+        """``(N, out, in, k, k)``: each sample's gradient with respect to the expanded filter (unfold + batched
+        matmul), for the layer's input ``x`` and the gradient of a sum-reduced loss w.r.t. its output."""
+        n, k = x.shape[0], self.kernel_size
+        cols = F.unfold(x, k, dilation=self.dilation, padding=self.padding, stride=self.stride)  # (N, in*k*k, L)
+        grads = torch.bmm(grad_output.reshape(n, grad_output.shape[1], -1), cols.transpose(1, 2))
+        return grads.view(n, grad_output.shape[1], x.shape[1], k, k)
+
+
+class EquivariantConv3d(SteerableConv):
+    r"""G-steerable convolution of volumes ``(N, C, D, H, W)`` between 3D fields (groups O, Oh, SO3, O3, C1; see
+    :mod:`eqlightning.nn.groups3d`), on escnn's ``R3Conv`` bases.
+
+    Same contract as :class:`EquivariantConv2d`: ``weight`` holds the basis coefficients, the filter is expanded on
+    the fly (cached in eval under ``no_grad``), the layer exports to a plain ``torch.nn.Conv3d`` and has exact
+    per-sample gradients. Octahedral layers are exact for all 24 (48) grid rotations (reflections) at any size;
+    the basis is averaged over them after sampling, so float32 sampling noise does not break that. SO3/O3 layers
+    are exact for those grid elements too and approximately equivariant for other rotations.
+
+    Args:
+        in_type, out_type: escnn 3D field types of one gspace (see :func:`eqlightning.nn.groups3d.field_type3d`).
+        kernel_size: odd, so the kernel is centred.
+        stride, padding, dilation: as ``torch.nn.Conv3d``; ``padding=None`` keeps the size at stride 1.
+        bias: learn an equivariant bias (one coefficient per trivial irrep of the output fields).
+        sigma, frequencies_cutoff, rings: escnn's ``R3Conv`` basis parameters.
+    """
+
+    _dims = 3
+    _conv = staticmethod(F.conv3d)
+    _plain = nn.Conv3d
+
+    def __init__(self, in_type, out_type, kernel_size: int, stride: int = 1, padding: int | None = None,
+                 dilation: int = 1, bias: bool = True, sigma=None, frequencies_cutoff=None, rings=None):
+        super().__init__(in_type, out_type, kernel_size, stride, padding, dilation, bias, sigma, frequencies_cutoff,
+                         rings)
+
+    def per_sample_filter_gradients(self, x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+        """``(N, out, in, k, k, k)``: each sample's filter gradient, as one weight-gradient convolution grouped
+        over the batch (the samples become groups, so no sample's gradient mixes with another's)."""
+        n, c_in, c_out, k = x.shape[0], x.shape[1], grad_output.shape[1], self.kernel_size
+        grads = torch.nn.grad.conv3d_weight(
+            x.reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in, k, k, k),
+            grad_output.reshape(1, n * c_out, *grad_output.shape[2:]), self.stride, self.padding, self.dilation,
+            groups=n)
+        return grads.view(n, c_out, c_in, k, k, k)

@@ -49,7 +49,10 @@ def group_gspace(name: str):
 
 
 def gspace_name(gspace) -> str:
-    """Name of a planar gspace's group: ``"C8"``, ``"D4"``, ... (also for restricted gspaces)."""
+    """Name of a gspace's group: ``"C8"``, ``"D4"``, ... (also for restricted gspaces); ``"O"``, ``"Oh"``, ... in 3D."""
+    if isinstance(gspace, gspaces.GSpace3D):
+        from .groups3d import gspace3d_name
+        return gspace3d_name(gspace)
     axis, order = gspace._sg_id
     return f"{'C' if axis is None else 'D'}{order}"
 
@@ -111,10 +114,15 @@ class FieldTypeRecipe:
     @classmethod
     def from_escnn(cls, field_type) -> "FieldTypeRecipe":
         gs = field_type.gspace
+        reprs = tuple(ReprRecipe.from_escnn(r) for r in field_type.representations)
+        if isinstance(gs, gspaces.GSpace3D):  # named, since escnn's 3D subgroup ids hold group elements
+            from .groups3d import band_limit_of, gspace3d_name, is_continuous
+            name = gspace3d_name(gs)
+            band = band_limit_of(field_type.representations) if is_continuous(name) else 2
+            return cls(("R3", name), band, reprs)
         if not isinstance(gs, gspaces.GSpace2D):
-            raise TypeError(f"only planar field types (escnn GSpace2D) are supported, got {gs}")
-        return cls(tuple(gs._sg_id), int(getattr(gs, "_maximum_frequency", 6)), tuple(ReprRecipe.from_escnn(r)
-                                                                     for r in field_type.representations))
+            raise TypeError(f"only planar (GSpace2D) or 3D (GSpace3D) field types are supported, got {gs}")
+        return cls(tuple(gs._sg_id), int(getattr(gs, "_maximum_frequency", 6)), reprs)
 
     def build(self):
         return _build_field_type(self)
@@ -122,6 +130,11 @@ class FieldTypeRecipe:
     @property
     def size(self) -> int:
         return sum(r.size for r in self.reprs)
+
+    @property
+    def dims(self) -> int:
+        """Spatial dimensions: 2 for images, 3 for volumes."""
+        return 3 if self.sg_id[:1] == ("R3",) else 2
 
 
 _BUILT: dict = {}
@@ -140,6 +153,9 @@ def _build_field_type(recipe: FieldTypeRecipe):
 
 @lru_cache(maxsize=None)
 def _gspace_from_id(sg_id: tuple, maximum_frequency: int):
+    if sg_id[:1] == ("R3",):
+        from .groups3d import group_gspace3d
+        return group_gspace3d(sg_id[1], maximum_frequency)
     return gspaces.GSpace2D(sg_id, maximum_frequency=maximum_frequency)
 
 
@@ -155,6 +171,10 @@ def as_recipe(field_type) -> FieldTypeRecipe:
 def field_type(group, kinds: Sequence[str] | str, count: int = 1):
     """Build a field type of one group: ``field_type("D4", "regular", 8)`` or ``field_type(gs, ["trivial"] * 3)``."""
     gs = group_gspace(group) if isinstance(group, str) else group
+    if isinstance(gs, gspaces.GSpace3D):
+        from .groups3d import field_type3d
+        kinds = [kinds] * count if isinstance(kinds, str) else list(kinds)
+        return enn.FieldType(gs, [r for k in kinds for r in field_type3d(gs, k, 1).representations])
     if isinstance(kinds, str):
         kinds = [kinds] * count
     reps = []
@@ -202,6 +222,9 @@ def grid_elements(gspace) -> list:
     Layers are exactly equivariant to these at any spatial size; other elements (e.g. 45 degrees in C8) are only
     exact at 1x1 spatial size.
     """
+    if isinstance(gspace, gspaces.GSpace3D):
+        from .groups3d import voxel_elements
+        return voxel_elements(gspace)
     action = gspace.basespace_action
     exact = []
     for g in gspace.fibergroup.elements:

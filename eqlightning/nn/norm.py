@@ -63,12 +63,12 @@ class FieldGroupNorm(EquivariantModule):
         if not self.affine:
             return result
         with fp32_compute(inputs[0], grad_output) as (x, g):
-            shape = (x.shape[0], self.num_fields, self.field_size)
+            shape, spatial = (x.shape[0], self.num_fields, self.field_size), tuple(range(2, x.dim()))
             if self.weight.requires_grad:
                 x_hat = F.group_norm(x, self.num_groups, eps=self.eps)
-                result[self.weight] = (x_hat * g).sum(dim=(2, 3)).view(shape).sum(2).to(self.weight.dtype)
+                result[self.weight] = (x_hat * g).sum(dim=spatial).view(shape).sum(2).to(self.weight.dtype)
             if self.bias.requires_grad:
-                result[self.bias] = g.sum(dim=(2, 3)).view(shape).sum(2).to(self.bias.dtype)
+                result[self.bias] = g.sum(dim=spatial).view(shape).sum(2).to(self.bias.dtype)
         return result
 
     def channel_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,17 +121,18 @@ class FieldBatchNorm(EquivariantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        n, c, h, w = x.shape
-        fields = x.reshape(n, self.num_fields, self.field_size * h * w)  # (N, F, size*H*W)
+        n = x.shape[0]
+        fields = x.reshape(n, self.num_fields, -1)  # (N, F, size*H*W[*D])
         use_batch_stats = self.training or not self.track_running_stats
         y = F.batch_norm(fields, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats,
                          self.momentum, self.eps)
-        return y.reshape(n, c, h, w)
+        return y.reshape(x.shape)
 
-    def export(self) -> nn.BatchNorm2d:
-        """A ``BatchNorm2d`` with per-channel copies of the field statistics (identical in eval mode)."""
+    def export(self) -> nn.Module:
+        """A ``BatchNorm2d`` (``BatchNorm3d``) with per-channel copies of the field statistics (identical in eval
+        mode)."""
         c, s = self._in_recipe.size, self.field_size
-        norm = nn.BatchNorm2d(c, self.eps, self.momentum, self.affine, self.track_running_stats)
+        norm = (nn.BatchNorm3d if self.dims == 3 else nn.BatchNorm2d)(c, self.eps, self.momentum, self.affine, self.track_running_stats)
         ref = self.weight if self.weight is not None else self.running_mean
         if ref is not None:
             norm = norm.to(ref)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fields import as_field_type, check_pointwise, field_sizes, field_type, restrict
+from .groups3d import restrict3d
 from .module import EquivariantModule
 
 
@@ -17,11 +18,17 @@ def _window(size: int) -> tuple[int, int]:
 
 
 def symmetric_downsample(x: torch.Tensor, mode: str = "max") -> torch.Tensor:
-    """Halve H and W (to ceil(size/2)) with windows that map onto themselves under rot90 and flips."""
-    (kh, ph), (kw, pw) = _window(x.shape[-2]), _window(x.shape[-1])
+    """Halve every spatial side (to ceil(size/2)) with windows that map onto themselves under the grid's rotations
+    and flips: ``(N, C, H, W)`` images or ``(N, C, D, H, W)`` volumes."""
+    windows = [_window(size) for size in x.shape[2:]]
+    kernel, padding = tuple(k for k, _ in windows), tuple(p for _, p in windows)
+    if x.dim() == 5:
+        if mode == "max":
+            return F.max_pool3d(x, kernel, 2, padding)
+        return F.avg_pool3d(x, kernel, 2, padding, count_include_pad=True)
     if mode == "max":
-        return F.max_pool2d(x, (kh, kw), 2, (ph, pw))
-    return F.avg_pool2d(x, (kh, kw), 2, (ph, pw), count_include_pad=True)
+        return F.max_pool2d(x, kernel, 2, padding)
+    return F.avg_pool2d(x, kernel, 2, padding, count_include_pad=True)
 
 
 class SymmetricDownsample(nn.Module):
@@ -41,7 +48,8 @@ class SymmetricDownsample(nn.Module):
 
 
 class EquivariantPool2d(EquivariantModule):
-    r"""Downsample by 2 with max or average pooling that keeps exact rot90/flip equivariance.
+    r"""Downsample by 2 with max or average pooling that keeps exact rot90/flip equivariance (volumes too: each
+    side gets its own symmetric window, so the 24/48 rotations/reflections of the cube stay exact).
 
     A stride-2 window with an odd kernel on an even-sized map (or an even kernel on an odd-sized one) samples a
     grid that is not symmetric about the image centre, so rotating the input does not rotate the output. This layer
@@ -52,10 +60,11 @@ class EquivariantPool2d(EquivariantModule):
     def __init__(self, in_type, mode: str = "max"):
         super().__init__(in_type)
         if mode == "max":
-            check_pointwise(self.in_type, "EquivariantPool2d(mode='max')")
+            check_pointwise(self.in_type, f"{type(self).__name__}(mode='max')")
         self.pool = SymmetricDownsample(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         return self.pool(x)
 
     def export(self) -> nn.Module:
@@ -74,8 +83,7 @@ class FieldPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         reduce = (lambda t, d: t.amax(d)) if self.mode == "max" else (lambda t, d: t.mean(d))
         if len(set(self.sizes)) == 1:
-            n, _, h, w = x.shape
-            return reduce(x.reshape(n, len(self.sizes), self.sizes[0], h, w), 2)
+            return reduce(x.reshape(x.shape[0], len(self.sizes), self.sizes[0], *x.shape[2:]), 2)
         return torch.cat([reduce(part, 1).unsqueeze(1) for part in torch.split(x, self.sizes, dim=1)], dim=1)
 
     def extra_repr(self) -> str:
@@ -106,6 +114,8 @@ class GroupPooling(EquivariantModule):
 
 class Restrict(EquivariantModule):
     """Restrict the symmetry group of the fields (e.g. D8 -> D4): the tensor is unchanged, its field type is not.
+    (In 3D, Oh -> O reorders the channels of regular fields so that each becomes two regular O fields, and any
+    group -> C1 makes every channel a scalar; see :func:`eqlightning.nn.groups3d.restrict3d`.)
 
     Later layers built on ``out_type`` are only constrained by the subgroup, so they have more free parameters;
     escnn's wide ResNets restrict D8 -> D4 -> D1 between stages in this way.
@@ -113,14 +123,38 @@ class Restrict(EquivariantModule):
 
     def __init__(self, in_type, group: str):
         in_type = as_field_type(in_type)
-        super().__init__(in_type, restrict(in_type, group))
+        order = None
+        if in_type.gspace.dimensionality == 3:  # escnn cannot restrict 3D gspaces: a channel reordering may be needed
+            out_type, order = restrict3d(in_type, group)
+        else:
+            out_type = restrict(in_type, group)
+        super().__init__(in_type, out_type)
         self.group = group
+        self.order = None if order is None or list(order) == list(range(len(order))) else tuple(order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x if self.order is None else x[:, list(self.order)]
 
     def export(self) -> nn.Module:
-        return nn.Identity()
+        return nn.Identity() if self.order is None else ChannelOrder(self.order)
 
     def extra_repr(self) -> str:
         return f"to {self.group}"
+
+
+class EquivariantPool3d(EquivariantPool2d):
+    """:class:`EquivariantPool2d` for volumes ``(N, C, D, H, W)`` (the same windows on each of the three sides)."""
+
+
+class ChannelOrder(nn.Module):
+    """Reorder channels: ``y[:, j] = x[:, order[j]]`` (what a 3D :class:`Restrict` needs, e.g. Oh -> O)."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = tuple(int(i) for i in order)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, list(self.order)]
+
+    def extra_repr(self) -> str:
+        return f"{len(self.order)} channels"

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from opacus.grad_sample import register_grad_sampler
 
-from ..nn import EquivariantConv2d, EquivariantDepthwiseConv2d, FieldGroupNorm
+from ..nn import EquivariantConv2d, EquivariantConv3d, EquivariantDepthwiseConv2d, FieldGroupNorm, FourierFieldNorm
 
 
 def _layer_rule(layer, activations, backprops) -> dict:
     return layer.per_sample_gradients(tuple(activations), backprops)  # Opacus passes sum-reduced backprops
 
 
-for _layer in (EquivariantConv2d, EquivariantDepthwiseConv2d, FieldGroupNorm):
+for _layer in (EquivariantConv2d, EquivariantConv3d, EquivariantDepthwiseConv2d, FieldGroupNorm, FourierFieldNorm):
     register_grad_sampler(_layer)(_layer_rule)

@@ -11,7 +11,7 @@ from eqlightning.models import create_backbone, list_backbones, profile_backbone
 from eqlightning.models.eq_resnet import fields_for
 from eqlightning.nn import image_symmetries
 
-EQUIVARIANT = list_backbones(equivariant=True)
+EQUIVARIANT = list_backbones(equivariant=True, dims=2)
 GROUPS = ["C4", "C8", "D4", "D8"]
 TOL = 1e-4
 

@@ -17,7 +17,7 @@ from eqlightning.models.plain import efficientnet_b0, resnet18, resnet50, vit_sm
 from eqlightning.models.profile import count_parameters, profile_backbone
 from eqlightning.models.registry import _REGISTRY
 
-PLAIN = sorted(name for name, entry in _REGISTRY.items() if not entry.equivariant)
+PLAIN = sorted(name for name, entry in _REGISTRY.items() if not entry.equivariant and entry.dims == 2)
 
 
 def _options(name: str) -> set[str]:
