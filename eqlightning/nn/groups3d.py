@@ -147,7 +147,8 @@ def transform_fields(x: torch.Tensor, field_type_, element) -> torch.Tensor:
     """escnn's action of a grid element on a tensor of fields ``(N, C, S, S, S)``: the representation on the
     channels and the grid rotation on the voxels (exact, no interpolation)."""
     gs = field_type_.gspace
-    rho = torch.as_tensor(field_type_.representation(element), dtype=x.dtype, device=x.device)
+    blocks = [_rep_matrix(rep, element) for rep in field_type_.representations]
+    rho = torch.block_diag(*blocks).to(dtype=x.dtype, device=x.device)
     moved = transform_volume(x, _array_matrix(gs, element))
     return torch.einsum("oc,nc...->no...", rho, moved)
 
@@ -206,3 +207,14 @@ def _oh_to_o_regular() -> tuple:
             raise RuntimeError("escnn's Oh -> O embedding changed: the regular-field channel order no longer matches "
                                "(eqlightning.nn.groups3d._oh_to_o_regular); pin escnn==1.0.11")
     return order
+
+
+_REP_MATRICES: dict = {}
+
+
+def _rep_matrix(rep, element) -> torch.Tensor:
+    """``rep(element)`` as a float64 tensor, memoised (escnn recomputes it from the irreps on every call)."""
+    key = (rep.group.name, rep.name, element)
+    if key not in _REP_MATRICES:
+        _REP_MATRICES[key] = torch.as_tensor(np.asarray(rep(element)), dtype=torch.float64)
+    return _REP_MATRICES[key]
