@@ -39,28 +39,31 @@ def backbones_table() -> list[str]:
 
 
 def datasets_table() -> list[str]:
-    from .data.catalog import dataset_info, file_name, flags_2d
+    from .data.catalog import SIZES_3D, dataset_info, file_name, flags_2d, flags_3d
     from .data.files import embedded_sample, resolve_root
 
     root, origin = resolve_root(None)
     lines = [f"Datasets (data.flag, data.size); files looked up in {root} ({origin}); "
              f"+ present, - missing (downloaded on first use):"]
-    for flag in flags_2d():
+    for flag in (*flags_2d(), *flags_3d()):
         info = dataset_info(flag, 28)
         marks = []
-        for size in SIZES:
+        for size in (SIZES if info.spatial_dims == 2 else SIZES_3D):
             name = file_name(flag, size)
             here = (root / name).is_file() or embedded_sample(name) is not None
             marks.append(f"{size}{'+' if here else '-'}")
+        kind = "" if info.spatial_dims == 2 else " (3D: MedMNIST3DDataModule)"
         lines.append(f"  {flag:<15} {info.task:<26} {info.num_classes:>2} classes, {info.in_channels} ch, "
-                     f"{info.license:<12} sizes {' '.join(marks)}")
+                     f"{info.license:<12} sizes {' '.join(marks)}{kind}")
     return lines
 
 
 def groups_table() -> list[str]:
     return ["Groups (backbone_kwargs.group; equivariant backbones, one per stage allowed):",
             "  C<N>: N rotations by 360/N degrees;  D<N>: N rotations and N reflections (N >= 1)",
-            f"  e.g. {', '.join(GROUPS_SHOWN)}  (exact on the pixel grid: C1, C2, C4, D1, D2, D4; others approximate)"]
+            f"  e.g. {', '.join(GROUPS_SHOWN)}  (exact on the pixel grid: C1, C2, C4, D1, D2, D4; others approximate)",
+            "  3D backbones (*_3d): O (the cube's 24 rotations), Oh (with reflections, 48): exact on the voxel grid;",
+            "  SO3, O3 (band-limited fields, backbone_kwargs.band_limit): exact for the grid's 24/48, others approximate"]
 
 
 TABLES = {"backbones": backbones_table, "datasets": datasets_table, "groups": groups_table}

@@ -11,12 +11,12 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
-from small_backbones import ALL, small_backbone
+from small_backbones import ALL, small_backbone, small_options3d
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
-from eqlightning.models import backbone_entry
-from eqlightning.nn import image_symmetries
+from eqlightning.models import backbone_entry, create_backbone
+from eqlightning.nn import image_symmetries, volume_symmetries
 
 
 class Zoo(L.LightningModule):
@@ -24,9 +24,14 @@ class Zoo(L.LightningModule):
 
     def __init__(self, name: str):
         super().__init__()
-        self.backbone = small_backbone(name)
+        self.dims = backbone_entry(name).dims
+        if self.dims == 3:  # volumes: 8^3 keeps the 3D zoo fast
+            self.backbone = create_backbone(name, in_channels=1, num_classes=2, input_size=8, **small_options3d(name))
+        else:
+            self.backbone = small_backbone(name)
         g = torch.Generator().manual_seed(0)
-        self.data = TensorDataset(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 2, (32,), generator=g))
+        shape = (32, 1, 8, 8, 8) if self.dims == 3 else (32, 1, 28, 28)
+        self.data = TensorDataset(torch.randn(*shape, generator=g), torch.randint(0, 2, (32,), generator=g))
         self.losses: list[torch.Tensor] = []
         self.logit_dtypes: set = set()
 
@@ -47,7 +52,7 @@ class Zoo(L.LightningModule):
 
 @pytest.mark.parametrize("private", [False, True], ids=["nonprivate", "dp"])
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [*ALL, "eq_resnet8_3d", "resnet18_3d"])
 def test_mixed_precision_trains_every_backbone(name, precision, private, tmp_path):
     L.seed_everything(0)
     model = Zoo(name)
@@ -77,8 +82,9 @@ def test_mixed_precision_trains_every_backbone(name, precision, private, tmp_pat
     entry = backbone_entry(name)
     if entry.equivariant:  # training in low precision kept the weights exactly equivariant
         net = model.backbone.eval()
-        x = torch.randn(3, 1, 28, 28)
+        x = model.data.tensors[0][:3]
+        symmetries = volume_symmetries(net.group) if model.dims == 3 else image_symmetries(net.group)
         with torch.no_grad():
             y = net(x)
-            for element, transform in image_symmetries(net.group).items():
+            for element, transform in symmetries.items():
                 assert (net(transform(x)) - y).abs().max().item() <= 1e-4, element
