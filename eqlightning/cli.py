@@ -135,7 +135,7 @@ class EqLightningCLI(LightningCLI):
         if trainer.checkpoint_callbacks and not trainer.fast_dev_run:
             trainer.callbacks.append(LastCheckpoint(run.checkpoints))
         if not trainer.fast_dev_run:
-            resolved = _plain(config)
+            resolved = _flat_data(_plain(config))
             trainer.callbacks.append(RunSummary(run.path, config=resolved, config_hash=config_hash(resolved)))
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter(run.path / "predictions.csv"))
@@ -242,6 +242,22 @@ def _plain(config) -> dict[str, Any]:
     """A jsonargparse Namespace as plain JSON-able dicts (class paths and paths as strings)."""
     as_dict = config.as_dict() if hasattr(config, "as_dict") else dict(config)
     return json.loads(json.dumps(as_dict, default=str))
+
+
+_DEFAULT_DATA = ("eqlightning.MedMNISTDataModule", "eqlightning.data.MedMNISTDataModule",
+                 "eqlightning.data.medmnist.MedMNISTDataModule")
+
+
+def _flat_data(config: dict[str, Any]) -> dict[str, Any]:
+    """``data: {class_path, init_args: {...}}`` (how the CLI resolves the data module) as ``data: {...}`` with
+    ``class_path`` only for a non-default class, so summaries, hashes and studies read ``data.flag`` as before."""
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
+        flat = dict(data["init_args"])
+        if data.get("class_path") not in _DEFAULT_DATA:
+            flat["class_path"] = data.get("class_path")
+        config = {**config, "data": flat}
+    return config
 
 
 def config_hash(config: dict[str, Any]) -> str:

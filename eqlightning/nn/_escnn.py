@@ -4,7 +4,9 @@
    for the intertwiners of dihedral groups (``escnn/group/_numerical.py``): every D_N regular basis failed with
    ``TypeError: np.matrix is not supported``. We hand escnn's call an ndarray instead (same numbers, same result).
 2. escnn warns at import that ``py3nj`` is missing. py3nj (which needs gfortran) only speeds up SO(3)
-   Clebsch-Gordan coefficients; the planar groups used here never need them, so that warning is silenced.
+   Clebsch-Gordan coefficients; the planar groups never need them and the 3D groups (O, Oh, SO3, O3) get them from
+   escnn's numerical fallback (cached on disk by escnn), so that warning is silenced. The same ``np.matrix`` fix
+   is what lets that fallback run for the 3D groups from an empty cache.
 """
 
 from __future__ import annotations
