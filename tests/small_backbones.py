@@ -67,3 +67,10 @@ def small_options3d(name: str) -> dict:
 
 
 ALL_3D = list_backbones(dims=3)
+#: the 3D backbones the multi-process strategy tests train (an equivariant and a plain one keep them short)
+DDP_3D = ["eq_resnet8_3d", "resnet18_3d"]
+
+
+def small_backbone3d(name: str, in_channels: int = 1, num_classes: int = 2, input_size: int = 8):
+    return create_backbone(name, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                           **small_options3d(name))

@@ -2,8 +2,9 @@
 
     python tests/strategy_worker.py --out DIR --strategy ddp|ddp_spawn [--private]
 
-One LightningModule holds a small version of every backbone (tests/small_backbones.py) and trains them together
-(the loss is the sum of their losses), so one 2-process launch covers the whole registry. Each rank writes its
+One LightningModule holds a small version of every 2D backbone and of the 3D ones in ``DDP_3D``
+(tests/small_backbones.py) and trains them together (the loss is the sum of their losses; 2D nets see images, 3D
+nets volumes), so one 2-process launch covers the registry. Each rank writes its
 final parameters to ``DIR/rank<r>.pt``.
 """
 
@@ -24,20 +25,23 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from small_backbones import ALL, small_backbone  # noqa: E402
+from small_backbones import ALL, DDP_3D, small_backbone, small_backbone3d  # noqa: E402
 
 
 class AllBackbones(L.LightningModule):
     def __init__(self, optimizer=functools.partial(torch.optim.SGD, lr=0.05)):
         super().__init__()
         self.backbones = nn.ModuleDict({name: small_backbone(name) for name in ALL})
+        self.volume_backbones = nn.ModuleDict({name: small_backbone3d(name) for name in DDP_3D})
         self.optimizer = optimizer
         g = torch.Generator().manual_seed(0)
-        self.data = TensorDataset(torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 2, (64,), generator=g))
+        self.data = TensorDataset(torch.randn(64, 1, 28, 28, generator=g), torch.randn(64, 1, 8, 8, 8, generator=g),
+                                  torch.randint(0, 2, (64,), generator=g))
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        return sum(F.cross_entropy(net(x).float(), y) for net in self.backbones.values())
+        x, volumes, y = batch
+        return (sum(F.cross_entropy(net(x).float(), y) for net in self.backbones.values())
+                + sum(F.cross_entropy(net(volumes).float(), y) for net in self.volume_backbones.values()))
 
     def configure_optimizers(self):
         return self.optimizer(self.parameters())

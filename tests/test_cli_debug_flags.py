@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import eqlightning.cli as eql_cli
 from eqlightning.cli import EqLightningCLI, run_cli
+from eqlightning.data import md5sum, write_synthetic_medmnist3d
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,8 +72,15 @@ def said(monkeypatch) -> list[str]:
     return lines
 
 
-def _fit(config: str, flags: list[str], tmp_path: Path):
-    return run_cli(["fit", "--config", str(REPO / config), "--run_root", str(tmp_path), *SMALL, *flags])
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> list[str]:
+    """A synthetic organmnist3d.npz (official format; no 3D file can be downloaded here) for the 3D configs."""
+    path = write_synthetic_medmnist3d(tmp_path_factory.mktemp("med3d"), "organmnist3d", 28, (8, 4, 4))
+    return ["--data.root", str(path.parent), "--data.md5", md5sum(path)]
+
+
+def _fit(config: str, flags: list[str], tmp_path: Path, data: list[str] = ()):
+    return run_cli(["fit", "--config", str(REPO / config), "--run_root", str(tmp_path), *SMALL, *data, *flags])
 
 
 def _param(config: str, flag: str):
@@ -93,8 +101,9 @@ def test_every_fit_config_is_covered():
 
 
 @pytest.mark.parametrize("config, flag", CASES)
-def test_debug_flag_then_test_after_fit(config, flag, tmp_path, said):
-    cli = _fit(config, FLAGS[flag], tmp_path)
+def test_debug_flag_then_test_after_fit(config, flag, tmp_path, said, request):
+    data = request.getfixturevalue("volumes") if "organmnist3d" in config else []
+    cli = _fit(config, FLAGS[flag], tmp_path, data)
     trainer = cli.trainer
     metrics = trainer.callback_metrics
     assert trainer.global_step >= 1

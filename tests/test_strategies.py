@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from small_backbones import ALL
+from small_backbones import ALL, DDP_3D
 
 WORKER = Path(__file__).with_name("strategy_worker.py")
 pytestmark = pytest.mark.ddp
@@ -33,8 +33,8 @@ def test_every_backbone_trains_identically_on_two_processes(tmp_path, strategy, 
     assert rank0["steps"] == rank1["steps"] > 0
     if private:
         assert rank0["epsilon"] == rank1["epsilon"] > 0 and rank0["dp_steps"] == rank1["dp_steps"] > 0
-    for name in ALL:
-        keys = [k for k in initial if k.startswith(f"backbones.{name}.")]
+    for prefix, name in [*(("backbones", n) for n in ALL), *(("volume_backbones", n) for n in DDP_3D)]:
+        keys = [k for k in initial if k.startswith(f"{prefix}.{name}.")]
         assert keys, name
         for k in keys:
             assert torch.equal(rank0["params"][k], rank1["params"][k]), f"{name}: {k} differs between ranks"
