@@ -23,11 +23,13 @@ SMALL = {
 }
 
 
-def small_options(name: str) -> dict:
-    """Options for a small, DP-compatible ``name``; fails for a backbone registered without an entry here."""
-    if name not in SMALL:
+def small_options(name: str, table: dict | None = None) -> dict:
+    """Options for a small, DP-compatible ``name`` (from ``SMALL``, or ``table``); fails for a backbone registered
+    without an entry there."""
+    table = SMALL if table is None else table
+    if name not in table:
         raise KeyError(f"backbone {name!r} has no small test configuration: add one to tests/small_backbones.py")
-    options = dict(SMALL[name])
+    options = dict(table[name])
     accepted = inspect.signature(backbone_entry(name).fn).parameters
     if "norm" in accepted or backbone_entry(name).equivariant:
         options["norm"] = "group"
@@ -54,16 +56,8 @@ SMALL_3D = {
 
 
 def small_options3d(name: str) -> dict:
-    """Options for a small, DP-compatible 3D ``name``; fails for a 3D backbone registered without an entry here."""
-    if name not in SMALL_3D:
-        raise KeyError(f"3D backbone {name!r} has no small test configuration: add one to tests/small_backbones.py")
-    options = dict(SMALL_3D[name])
-    accepted = inspect.signature(backbone_entry(name).fn).parameters
-    if "norm" in accepted or backbone_entry(name).equivariant:
-        options["norm"] = "group"
-    if "dropout" in accepted:
-        options["dropout"] = 0.0
-    return options
+    """Options for a small, DP-compatible 3D ``name`` (``SMALL_3D``)."""
+    return small_options(name, SMALL_3D)
 
 
 ALL_3D = list_backbones(dims=3)

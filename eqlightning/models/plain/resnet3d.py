@@ -41,44 +41,24 @@ def resnet50_3d(*, in_channels: int, num_classes: int, input_size: int = 28, nor
                   zero_init_residual=zero_init_residual, dims=3)
 
 
-@register_backbone("resnet18_acs", equivariant=False, dims=3)
-def resnet18_acs(*, in_channels: int, num_classes: int, input_size: int = 28, norm: str = "batch",
-                 width_multiplier: float = 1.0, depth_multiplier: float = 1.0,
-                 zero_init_residual: bool = False) -> ResNet:
-    """ResNet-18 with ACS convolutions (MedMNIST v2's "ACS"): resnet18's 11.2M params, kernels over 3 planes."""
-    return convert_2d_to_3d(resnet18(in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+def _converted(name: str, base, mode: str, doc: str):
+    """Register ``name``: the 2D ``base`` ResNet built with the same options, converted to 3D by ``mode``."""
+    def factory(*, in_channels: int, num_classes: int, input_size: int = 28, norm: str = "batch",
+                width_multiplier: float = 1.0, depth_multiplier: float = 1.0,
+                zero_init_residual: bool = False) -> ResNet:
+        return convert_2d_to_3d(base(in_channels=in_channels, num_classes=num_classes, input_size=input_size,
                                      norm=norm, width_multiplier=width_multiplier, depth_multiplier=depth_multiplier,
-                                     zero_init_residual=zero_init_residual), "acs")
+                                     zero_init_residual=zero_init_residual), mode)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    return register_backbone(name, equivariant=False, dims=3)(factory)
 
 
-@register_backbone("resnet50_acs", equivariant=False, dims=3)
-def resnet50_acs(*, in_channels: int, num_classes: int, input_size: int = 28, norm: str = "batch",
-                 width_multiplier: float = 1.0, depth_multiplier: float = 1.0,
-                 zero_init_residual: bool = False) -> ResNet:
-    """ResNet-50 with ACS convolutions (MedMNIST v2's "ACS"): resnet50's 23.5M params, kernels over 3 planes."""
-    return convert_2d_to_3d(resnet50(in_channels=in_channels, num_classes=num_classes, input_size=input_size,
-                                     norm=norm, width_multiplier=width_multiplier, depth_multiplier=depth_multiplier,
-                                     zero_init_residual=zero_init_residual), "acs")
-
-
-@register_backbone("resnet18_25d", equivariant=False, dims=3)
-def resnet18_25d(*, in_channels: int, num_classes: int, input_size: int = 28, norm: str = "batch",
-                 width_multiplier: float = 1.0, depth_multiplier: float = 1.0,
-                 zero_init_residual: bool = False) -> ResNet:
-    """ResNet-18 with 2.5D (1 x k x k) convolutions (MedMNIST v2's "2.5D"): resnet18's 11.2M params."""
-    return convert_2d_to_3d(resnet18(in_channels=in_channels, num_classes=num_classes, input_size=input_size,
-                                     norm=norm, width_multiplier=width_multiplier, depth_multiplier=depth_multiplier,
-                                     zero_init_residual=zero_init_residual), "2.5d")
-
-
-@register_backbone("resnet50_25d", equivariant=False, dims=3)
-def resnet50_25d(*, in_channels: int, num_classes: int, input_size: int = 28, norm: str = "batch",
-                 width_multiplier: float = 1.0, depth_multiplier: float = 1.0,
-                 zero_init_residual: bool = False) -> ResNet:
-    """ResNet-50 with 2.5D (1 x k x k) convolutions (MedMNIST v2's "2.5D"): resnet50's 23.5M params."""
-    return convert_2d_to_3d(resnet50(in_channels=in_channels, num_classes=num_classes, input_size=input_size,
-                                     norm=norm, width_multiplier=width_multiplier, depth_multiplier=depth_multiplier,
-                                     zero_init_residual=zero_init_residual), "2.5d")
+resnet18_acs = _converted("resnet18_acs", resnet18, "acs", """ResNet-18 with ACS convolutions (MedMNIST v2's "ACS"): resnet18's 11.2M params, kernels over 3 planes.""")
+resnet50_acs = _converted("resnet50_acs", resnet50, "acs", """ResNet-50 with ACS convolutions (MedMNIST v2's "ACS"): resnet50's 23.5M params, kernels over 3 planes.""")
+resnet18_25d = _converted("resnet18_25d", resnet18, "2.5d", """ResNet-18 with 2.5D (1 x k x k) convolutions (MedMNIST v2's "2.5D"): resnet18's 11.2M params.""")
+resnet50_25d = _converted("resnet50_25d", resnet50, "2.5d", """ResNet-50 with 2.5D (1 x k x k) convolutions (MedMNIST v2's "2.5D"): resnet50's 23.5M params.""")
 
 
 for _fn in (resnet18_3d, resnet50_3d, resnet18_acs, resnet50_acs, resnet18_25d, resnet50_25d):
